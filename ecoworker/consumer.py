@@ -1,0 +1,313 @@
+"""Consume RabbitMQ queues: journal every delivery, then ack it.
+
+Deliveries land in a buffer; one flusher takes whatever the buffer holds (up to
+`ingest_batch_max`) and writes it in one durable group commit, then acks. A
+batch closes when the buffer is momentarily empty, never on a timer, so a lone
+message is not delayed. Acks use `multiple=True` up to the highest delivery tag
+below which every delivery is settled, so no unjournaled delivery is ever acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from ecoworker import metrics
+from ecoworker.broker import Broker
+from ecoworker.intake import to_row
+from ecoworker.journal import Journal
+from ecoworker.registry import Registry
+from ecoworker.settings import Settings
+
+log = logging.getLogger("ecoworker.consumer")
+
+
+@dataclass(slots=True)
+class Delivery:
+    message: AbstractIncomingMessage
+    queue: str
+    generation: int
+    received: float
+
+
+class AckTracker:
+    """Settled delivery tags of one channel → the highest tag safe to ack with multiple=True."""
+
+    def __init__(self) -> None:
+        self.acked_upto = 0
+        self._settled: set[int] = set()
+
+    def settle(self, tags: list[int]) -> int | None:
+        self._settled.update(tags)
+        top = self.acked_upto
+        while top + 1 in self._settled:
+            top += 1
+            self._settled.discard(top)
+        if top == self.acked_upto:
+            return None
+        self.acked_upto = top
+        return top
+
+
+class Consumer:
+    """Owns the consuming channel; rebuilt on every broker connection."""
+
+    def __init__(self, settings: Settings, journal: Journal, registry: Registry, broker: Broker,
+                 on_ingested: Callable[[bool], None]) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.registry = registry
+        self.broker = broker
+        self.on_ingested = on_ingested  # called after each commit; True when dead letters are owed
+        self._buffer: list[Delivery] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._pause_reasons: set[str] = set()
+        self._channel: AbstractChannel | None = None
+        self._queues: dict[str, tuple[AbstractQueue, str | None]] = {}
+        self._tracker = AckTracker()
+        self._generation = -1
+        self.consuming = False
+        self.journal_error: str | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Consume on every connection the broker gives us, until `stop()`."""
+        flusher = asyncio.create_task(self._flush_loop(), name="ingest-flusher")
+        try:
+            while not self._stopping:
+                try:
+                    conn = await self.broker.current()
+                except ConnectionError:
+                    break
+                generation = self.broker.generation
+                try:
+                    await self._open(conn, generation)
+                except Exception as exc:
+                    log.warning("could not start consuming: %s; retrying", exc)
+                    await asyncio.sleep(1)
+                    continue
+                await self._wait_closed(generation)
+                self._set_consuming(False)
+        finally:
+            self._stopping = True
+            self._wake.set()
+            await flusher
+
+    async def stop(self) -> None:
+        """Stop consuming at once; journal and ack what is already buffered."""
+        self._stopping = True
+        await self._cancel_consumers()
+        self._wake.set()
+        if self._channel is not None and not self._channel.is_closed:
+            # let the flusher empty the buffer before the channel goes
+            for _ in range(100):
+                if not self._buffer:
+                    break
+                await asyncio.sleep(0.05)
+            await self._channel.close()
+
+    # ------------------------------------------------------------ backpressure
+
+    def pause(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            self._pause_reasons.add(reason)
+            log.warning("consumer paused: %s", reason)
+            self._spawn(self._cancel_consumers())
+
+    def resume(self, reason: str) -> None:
+        if reason in self._pause_reasons:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons:
+                log.info("consumer resumed (%s cleared)", reason)
+                self._spawn(self._start_consumers())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @property
+    def pause_reasons(self) -> frozenset[str]:
+        return frozenset(self._pause_reasons)
+
+    async def watch_backpressure(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        """Pause above the high-water marks, resume below the low-water marks."""
+        s = self.settings
+        while not stop.is_set():
+            try:
+                counts = await self.journal.counts()
+                metrics.PENDING.set(counts["pending"])
+                _toggle(self, "backlog", counts["pending"] >= s.pending_high_water,
+                        counts["pending"] <= s.pending_low_water)
+                _toggle(self, "unsynced backlog", counts["unsynced"] >= s.unsynced_high_water,
+                        counts["unsynced"] <= s.unsynced_high_water * 0.8)
+                free = shutil.disk_usage(self.journal.path.parent).free
+                _toggle(self, "disk nearly full", free < s.min_free_disk_bytes,
+                        free >= s.min_free_disk_bytes * 1.5)
+                if self.journal_error and free >= s.min_free_disk_bytes:
+                    self.journal_error = None
+                    self.resume("journal not writable")
+            except Exception as exc:
+                log.warning("backpressure check failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+
+    # ------------------------------------------------------------ channel
+
+    async def _open(self, conn: object, generation: int) -> None:
+        channel = await conn.channel()  # type: ignore[attr-defined]
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        self._channel, self._generation, self._tracker = channel, generation, AckTracker()
+        self._queues = {}
+        for name in self.settings.queues:
+            # durable, no arguments: exactly what an unchanged Celery producer declares
+            queue = await channel.declare_queue(name, durable=True)
+            self._queues[name] = (queue, None)
+        if not self._pause_reasons:
+            await self._start_consumers()
+
+    async def _start_consumers(self) -> None:
+        channel = self._channel
+        if channel is None or channel.is_closed or self._stopping or self._pause_reasons:
+            return
+        generation = self._generation
+        for name, (queue, tag) in list(self._queues.items()):
+            if tag is None:
+                tag = await queue.consume(partial(self._on_message, name, generation))
+                self._queues[name] = (queue, tag)
+        self._set_consuming(True)
+
+    async def _cancel_consumers(self) -> None:
+        self._set_consuming(False)
+        channel = self._channel
+        for name, (queue, tag) in list(self._queues.items()):
+            if tag is not None:
+                self._queues[name] = (queue, None)
+                if channel is not None and not channel.is_closed:
+                    try:
+                        await queue.cancel(tag)
+                    except Exception as exc:  # the channel may be dying; it will be rebuilt
+                        log.debug("cancel %s: %s", name, exc)
+
+    async def _wait_closed(self, generation: int) -> None:
+        channel = self._channel
+        lost = asyncio.create_task(self.broker.wait_lost(generation))
+        closed = asyncio.get_running_loop().create_future()
+        if channel is not None:
+            channel.close_callbacks.add(lambda *_: closed.done() or closed.set_result(None))
+        try:
+            await asyncio.wait([lost, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not self._stopping:
+            log.warning("consuming channel closed; rebuilding")
+
+    def _set_consuming(self, on: bool) -> None:
+        self.consuming = on
+        metrics.CONSUMING.set(1 if on else 0)
+
+    async def _on_message(self, queue: str, generation: int, message: AbstractIncomingMessage) -> None:
+        self._buffer.append(Delivery(message, queue, generation, time.monotonic()))
+        self._wake.set()
+
+    # ------------------------------------------------------------ journal, then ack
+
+    async def _flush_loop(self) -> None:
+        limit = self.settings.ingest_batch_max
+        while True:
+            if not self._buffer:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._buffer[:limit] = self._buffer[:limit], []
+            # shielded: a cancellation cannot split "committed" from "acked"
+            await asyncio.shield(self._commit(batch))
+
+    async def _commit(self, batch: list[Delivery]) -> None:
+        s = self.settings
+        now = time.time()
+        rows, reasons = [], []
+        for d in batch:
+            m = d.message
+            props = {"content_type": m.content_type, "content_encoding": m.content_encoding,
+                     "headers": m.headers, "message_id": m.message_id, "correlation_id": m.correlation_id}
+            row, reason = to_row(m.body, props, d.queue, registry=self.registry,
+                                 worker_name=s.worker_name, max_body_bytes=s.max_body_bytes, now=now)
+            rows.append(row)
+            reasons.append(reason)
+            metrics.RECEIVED.labels(d.queue).inc()
+        started = time.monotonic()
+        try:
+            new = await self.journal.ingest(rows)
+        except Exception as exc:
+            await self._refuse(batch, exc)
+            return
+        metrics.INGEST_SECONDS.observe(time.monotonic() - started)
+        metrics.INGEST_BATCH.observe(len(batch))
+        owed = False
+        for row, reason in zip(rows, reasons, strict=True):
+            if row.task_id not in new:
+                metrics.DUPLICATES.inc()
+            elif reason is not None:
+                metrics.DEAD_LETTERED.labels(reason).inc()
+                log.warning("dead-lettering %s from %s: %s", row.task_id, row.queue, row.error)
+                owed = True
+            new.discard(row.task_id)  # a second copy in the same batch is a duplicate
+        await self._ack(batch)
+        self.on_ingested(owed)
+
+    async def _ack(self, batch: list[Delivery]) -> None:
+        current = [d for d in batch if d.generation == self._generation]
+        if len(current) < len(batch):
+            log.info("%d deliveries came on a closed channel; the broker redelivers them (deduplicated)",
+                     len(batch) - len(current))
+        top = self._tracker.settle([d.message.delivery_tag or 0 for d in current])
+        channel = self._channel
+        if top is None or channel is None or channel.is_closed:
+            return
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_ack(top, multiple=True)
+        except Exception as exc:  # the deliveries come back and are deduplicated
+            log.warning("ack failed (%s); the broker will redeliver, duplicates are skipped", exc)
+            return
+        done = time.monotonic()
+        for d in current:
+            metrics.ACK_LATENCY.observe(done - d.received)
+
+    async def _refuse(self, batch: list[Delivery], exc: Exception) -> None:
+        """The journal could not take the batch: give every delivery back to the broker."""
+        metrics.INGEST_ERRORS.inc()
+        self.journal_error = f"{type(exc).__name__}: {exc}"
+        log.error("journal write failed (%s): %d deliveries returned to the broker, consuming paused",
+                  self.journal_error, len(batch))
+        self.pause("journal not writable")
+        current = [d for d in batch if d.generation == self._generation]
+        for d in current:
+            try:
+                await d.message.nack(requeue=True)
+            except Exception as nack_exc:
+                log.debug("nack: %s", nack_exc)
+        self._tracker.settle([d.message.delivery_tag or 0 for d in current])
+
+
+def _toggle(consumer: Consumer, reason: str, high: bool, low: bool) -> None:
+    if high:
+        consumer.pause(reason)
+    elif low:
+        consumer.resume(reason)

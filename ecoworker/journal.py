@@ -1,0 +1,517 @@
+"""The local SQLite journal (WAL mode) that owns every task once it is acked.
+
+One writer connection does every write, serialised by a lock so that a
+multi-statement transaction is never interleaved; reads for stats and the CLI
+use their own connection. `ingest` is the group commit every ack waits on: one
+statement, one transaction, one fsync (`synchronous=FULL`) for a whole batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from ecoworker import schema
+from ecoworker.errors import JournalError
+from ecoworker.schema import DL_OWED, DL_SENT, SYNC_DONE, SYNC_REJECTED, TERMINAL_SQL
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_INGEST_SQL_HEAD = (
+    f"INSERT INTO task_wal ({', '.join(schema.INGEST_COLUMNS)}) VALUES "
+)
+_ROW_PLACEHOLDER = "(" + ", ".join("?" * len(schema.INGEST_COLUMNS)) + ")"
+# A redelivered id is a duplicate and changes nothing, unless it is a `dlq replay` of a
+# finished row (a higher `replays`): then the row starts over from the new delivery.
+_REPLAY_UPSERT = " ON CONFLICT (task_id) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in schema.INGEST_COLUMNS if c != "task_id"
+) + (", started_at = NULL, result = NULL, synced_to_postgres = 0, sync_error = NULL "
+     f"WHERE excluded.replays > task_wal.replays AND task_wal.status IN {TERMINAL_SQL} "
+     "RETURNING task_id")
+_CLAIM_COLUMNS = (
+    "task_id, task_name, queue, args, kwargs, attempts, max_retries, timeout, expires_at, retry_count"
+)
+
+
+@dataclass(slots=True)
+class NewTask:
+    """One row for `Journal.ingest`, in `schema.INGEST_COLUMNS` order."""
+
+    task_id: str
+    task_name: str
+    worker_name: str
+    queue: str | None
+    args: str  # JSON text
+    kwargs: str  # JSON text
+    status: str = "PENDING"
+    error: str | None = None
+    retry_count: int = 0
+    attempts: int = 0
+    max_retries: int | None = None
+    created_at: float = 0.0
+    completed_at: float | None = None
+    not_before: float | None = None
+    expires_at: float | None = None
+    timeout: float | None = None
+    dl_state: int = 0
+    raw_body: bytes | None = None
+    raw_headers: str | None = None
+    replays: int = 0  # `dlq replay` count: a higher one revives a finished row
+
+
+_NEW_TASK_FIELDS = tuple(f.name for f in fields(NewTask))
+assert _NEW_TASK_FIELDS == schema.INGEST_COLUMNS
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """A row the scheduler moved to RUNNING (attempts already incremented and committed)."""
+
+    task_id: str
+    task_name: str
+    queue: str | None
+    args: str
+    kwargs: str
+    attempts: int
+    max_retries: int | None
+    timeout: float | None
+    expires_at: float | None
+    retry_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A state change for one RUNNING row, applied by `Journal.finish` in batches."""
+
+    task_id: str
+    status: str  # SUCCESS | FAILURE | EXPIRED | DEAD | PENDING (retry or release)
+    result: str | None = None  # JSON text
+    error: str | None = None
+    completed_at: float | None = None
+    not_before: float | None = None
+    retry_inc: int = 0
+    attempts_inc: int = 0  # -1 when a shutdown hands the task back unrun
+    dl_state: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What start-up recovery found."""
+
+    requeued: int
+    dead: int
+    pending: int
+
+
+class Journal:
+    """Async access to one journal file. Use `async with Journal.open(path) as j:`."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection) -> None:
+        self.path = path
+        self._db = writer
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str | Path) -> AsyncIterator[Journal]:
+        journal = await cls.connect(path)
+        try:
+            yield journal
+        finally:
+            await journal.close()
+
+    @classmethod
+    async def connect(cls, path: str | Path) -> Journal:
+        """Open (creating if needed) and migrate the journal at `path`."""
+        path = Path(path)
+        _check_file(path)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {path}: cannot open it ({exc})") from None
+        try:
+            await _prepare(db, path)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(path, db)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        await self._db.close()
+
+    async def reader(self) -> aiosqlite.Connection:
+        """A separate connection for reads (stats, listings), so they never queue behind writes."""
+        if self._reader is None:
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA busy_timeout = 5000")
+            self._reader.row_factory = aiosqlite.Row
+        return self._reader
+
+    # ---------------------------------------------------------------- writes
+
+    async def ingest(self, rows: Sequence[NewTask]) -> set[str]:
+        """Insert `rows` in one durable transaction; return the ids that were new.
+
+        A single multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING` in
+        autocommit mode is its own transaction, so the whole batch costs one
+        round trip to SQLite's thread and one fsync.
+        """
+        if not rows:
+            return set()
+        params = [getattr(row, name) for row in rows for name in _NEW_TASK_FIELDS]
+        sql = (
+            _INGEST_SQL_HEAD
+            + ", ".join([_ROW_PLACEHOLDER] * len(rows))
+            + _REPLAY_UPSERT
+        )
+        async with self._lock:
+            fetched = await self._db.execute_fetchall(sql, params)
+        return {r[0] for r in fetched}
+
+    async def claim(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[ClaimedTask]:
+        """Move up to `limit` due PENDING rows to RUNNING, attempts+1, committed before returning."""
+        if limit <= 0:
+            return []
+        excluded = list(exclude)
+        skip = f"AND task_name NOT IN ({', '.join('?' * len(excluded))})" if excluded else ""
+        sql = (
+            "UPDATE task_wal SET status = 'RUNNING', attempts = attempts + 1, started_at = ? "
+            "WHERE task_id IN (SELECT task_id FROM task_wal WHERE status = 'PENDING' "
+            f"AND not_before <= ? {skip} ORDER BY not_before LIMIT ?) RETURNING {_CLAIM_COLUMNS}"
+        )
+        async with self._lock:
+            fetched = await self._db.execute_fetchall(sql, [now, now, *excluded, limit])
+        return [ClaimedTask(*r) for r in fetched]
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> None:
+        """Apply many outcomes in one transaction."""
+        if not outcomes:
+            return
+        sql = (
+            "UPDATE task_wal SET status = ?, result = ?, error = ?, completed_at = ?, "
+            "not_before = COALESCE(?, not_before), retry_count = retry_count + ?, "
+            "attempts = attempts + ?, dl_state = MAX(dl_state, ?) WHERE task_id = ?"
+        )
+        params = [
+            (o.status, o.result, o.error, o.completed_at, o.not_before, o.retry_inc,
+             o.attempts_inc, o.dl_state, o.task_id)
+            for o in outcomes
+        ]
+        await self._transaction(lambda db: db.executemany(sql, params))
+
+    async def recover(self, now: float, default_max_retries: int) -> Recovery:
+        """Start-up: RUNNING rows were in flight during a crash. Re-run or bury them."""
+        bury = (
+            "UPDATE task_wal SET status = 'DEAD', completed_at = ?, dl_state = ?, error = "
+            "'crashed the worker on each of its ' || attempts || ' attempts; not run again' "
+            "WHERE status = 'RUNNING' AND attempts >= COALESCE(max_retries, ?) + 1"
+        )
+        requeue = "UPDATE task_wal SET status = 'PENDING', not_before = ? WHERE status = 'RUNNING'"
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                dead = (await self._db.execute(bury, (now, DL_OWED, default_max_retries))).rowcount
+                requeued = (await self._db.execute(requeue, (now,))).rowcount
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        pending = (await self.counts())["pending"]
+        return Recovery(requeued=requeued, dead=dead, pending=pending)
+
+    async def mark_synced(self, task_ids: Sequence[str]) -> None:
+        await self._many("UPDATE task_wal SET synced_to_postgres = 1 WHERE task_id = ?", task_ids)
+
+    async def mark_sync_rejected(self, task_id: str, error: str) -> None:
+        sql = "UPDATE task_wal SET synced_to_postgres = ?, sync_error = ? WHERE task_id = ?"
+        async with self._lock:
+            await self._db.execute(sql, (SYNC_REJECTED, error, task_id))
+
+    async def mark_dead_lettered(self, task_id: str) -> None:
+        async with self._lock:
+            await self._db.execute("UPDATE task_wal SET dl_state = ? WHERE task_id = ?", (DL_SENT, task_id))
+
+    async def requeue(self, statuses: Sequence[str], task_name: str | None = None,
+                      since: float | None = None) -> int:
+        """Put rows in `statuses` back to PENDING with fresh attempts (retry-failed)."""
+        marks = ", ".join("?" * len(statuses))
+        sql = (
+            "UPDATE task_wal SET status = 'PENDING', attempts = 0, retry_count = 0, "
+            "not_before = ?, completed_at = NULL, synced_to_postgres = 0, dl_state = 0 "
+            f"WHERE status IN ({marks}) AND (? IS NULL OR task_name = ?) "
+            "AND (? IS NULL OR completed_at >= ?)"
+        )
+        async with self._lock:
+            cur = await self._db.execute(sql, (time.time(), *statuses, task_name, task_name, since, since))
+        return cur.rowcount
+
+    async def hand_off(self, task_ids: Sequence[str]) -> None:
+        """`wal drain`: these tasks were republished to the broker; never run them here."""
+        await self._many(
+            "UPDATE task_wal SET status = 'HANDED_OFF', synced_to_postgres = 1, completed_at = "
+            f"{time.time()!r} WHERE task_id = ? AND status IN ('PENDING', 'RUNNING')",
+            task_ids,
+        )
+
+    async def fail_stale_running(self, started_before: float) -> int:
+        """`wal recover --stale-after`: RUNNING rows no worker finished are failed (and dead-lettered)."""
+        sql = (
+            "UPDATE task_wal SET status = 'FAILURE', completed_at = ?, dl_state = ?, "
+            "error = 'marked failed by wal recover: RUNNING since ' || started_at "
+            "WHERE status = 'RUNNING' AND started_at < ?"
+        )
+        async with self._lock:
+            return (await self._db.execute(sql, (time.time(), DL_OWED, started_before))).rowcount
+
+    async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """`PRAGMA wal_checkpoint(MODE)` → (busy, wal pages, checkpointed pages)."""
+        mode = mode.upper()
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"checkpoint mode {mode!r}: use PASSIVE, FULL, RESTART or TRUNCATE")
+        async with self._lock:
+            rows = list(await self._db.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
+        busy, log, done = rows[0]
+        return int(busy), int(log), int(done)
+
+    async def cleanup_old_tasks(self, days: float = 7, chunk: int = 1000) -> int:
+        """Delete synced terminal rows older than `days`, `chunk` rows per transaction."""
+        cutoff = time.time() - days * 86400
+        sql = (
+            "DELETE FROM task_wal WHERE rowid IN (SELECT rowid FROM task_wal "
+            f"WHERE synced_to_postgres = 1 AND (status IN {TERMINAL_SQL} OR status = 'HANDED_OFF') "
+            "AND completed_at < ? LIMIT ?)"
+        )
+        deleted = 0
+        while True:
+            async with self._lock:
+                n = (await self._db.execute(sql, (cutoff, chunk))).rowcount
+            deleted += n
+            if n < chunk:
+                break
+            await asyncio.sleep(0)  # let ingest commits in between chunks
+        if deleted >= 10 * chunk:
+            await self.incremental_vacuum()
+        return deleted
+
+    async def incremental_vacuum(self, pages: int = 0) -> None:
+        async with self._lock:
+            await self._db.execute_fetchall(f"PRAGMA incremental_vacuum({int(pages)})")
+
+    # ---------------------------------------------------------------- reads
+
+    async def unsynced(self, limit: int) -> list[aiosqlite.Row]:
+        """Terminal rows not yet in PostgreSQL, oldest first."""
+        db = await self.reader()
+        sql = (
+            "SELECT task_id, task_name, queue, worker_name, status, args, kwargs, result, error, "
+            "attempts, created_at, started_at, completed_at FROM task_wal "
+            f"WHERE synced_to_postgres = 0 AND status IN {TERMINAL_SQL} ORDER BY completed_at LIMIT ?"
+        )
+        return list(await db.execute_fetchall(sql, (limit,)))
+
+    async def owed_dead_letters(self, limit: int = 100) -> list[aiosqlite.Row]:
+        db = await self.reader()
+        sql = (
+            "SELECT task_id, task_name, queue, args, kwargs, error, attempts, raw_body, raw_headers "
+            "FROM task_wal WHERE dl_state = 1 LIMIT ?"
+        )
+        return list(await db.execute_fetchall(sql, (limit,)))
+
+    async def counts(self) -> dict[str, int]:
+        """Cheap gauges for backpressure and metrics (partial indexes make these fast)."""
+        db = await self.reader()
+        sql = (
+            "SELECT (SELECT count(*) FROM task_wal WHERE status = 'PENDING'), "
+            "(SELECT count(*) FROM task_wal WHERE status = 'RUNNING'), "
+            f"(SELECT count(*) FROM task_wal WHERE synced_to_postgres = 0 AND status IN {TERMINAL_SQL}), "
+            "(SELECT count(*) FROM task_wal WHERE dl_state = 1), "
+            f"(SELECT min(completed_at) FROM task_wal WHERE synced_to_postgres = 0 "
+            f"AND status IN {TERMINAL_SQL})"
+        )
+        row = list(await db.execute_fetchall(sql))[0]
+        return {
+            "pending": row[0], "running": row[1], "unsynced": row[2], "dead_letters_owed": row[3],
+            "oldest_unsynced": row[4],
+        }
+
+    async def next_due(self) -> float | None:
+        """The earliest `not_before` of a PENDING row (None: nothing pending)."""
+        db = await self.reader()
+        rows = list(await db.execute_fetchall(
+            "SELECT min(not_before) FROM task_wal WHERE status = 'PENDING'"
+        ))
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    async def list_tasks(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        db = await self.reader()
+        sql = (
+            "SELECT task_id, task_name, queue, status, attempts, retry_count, error, created_at, "
+            "started_at, completed_at, synced_to_postgres FROM task_wal "
+            "WHERE (? IS NULL OR status = ?) ORDER BY created_at DESC LIMIT ?"
+        )
+        return [dict(r) for r in await db.execute_fetchall(sql, (status, status, limit))]
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        db = await self.reader()
+        rows = list(await db.execute_fetchall("SELECT * FROM task_wal WHERE task_id = ?", (task_id,)))
+        return dict(rows[0]) if rows else None
+
+    async def get_stats(self) -> dict[str, Any]:
+        """The seed's shape: by_status, sync totals, wal_size_mb."""
+        db = await self.reader()
+        by_status = {r[0]: r[1] for r in await db.execute_fetchall(
+            "SELECT status, count(*) FROM task_wal GROUP BY status"
+        )}
+        row = list(await db.execute_fetchall(
+            f"SELECT count(*), coalesce(sum(synced_to_postgres = {SYNC_DONE}), 0) "
+            f"FROM task_wal WHERE status IN {TERMINAL_SQL}"
+        ))[0]
+        return {
+            "by_status": by_status,
+            "sync": {"total": row[0], "synced": row[1], "unsynced": row[0] - row[1]},
+            "wal_size_mb": round(self.size_bytes() / (1024 * 1024), 3),
+        }
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the database file plus its -wal file."""
+        return sum(_size(p) for p in (self.path, self.wal_file))
+
+    @property
+    def wal_file(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    # ---------------------------------------------------------------- the seed's API
+
+    async def write_task(self, task_id: str, task_name: str, worker_name: str,
+                         args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+                         queue: str | None = None) -> bool:
+        now = time.time()
+        row = NewTask(task_id, task_name, worker_name, queue, orjson.dumps(list(args)).decode(),
+                      orjson.dumps(kwargs or {}).decode(), created_at=now, not_before=now)
+        return bool(await self.ingest([row]))
+
+    async def start_task(self, task_id: str) -> None:
+        sql = "UPDATE task_wal SET status = 'RUNNING', attempts = attempts + 1, started_at = ? WHERE task_id = ?"
+        async with self._lock:
+            await self._db.execute(sql, (time.time(), task_id))
+
+    async def complete_task(self, task_id: str, result: Any) -> None:
+        await self.finish([Outcome(task_id, "SUCCESS", orjson.dumps(result).decode(),
+                                   completed_at=time.time())])
+
+    async def fail_task(self, task_id: str, error: str, retry_count: int = 0) -> None:
+        sql = "UPDATE task_wal SET status = 'FAILURE', error = ?, retry_count = ?, completed_at = ? WHERE task_id = ?"
+        async with self._lock:
+            await self._db.execute(sql, (error, retry_count, time.time(), task_id))
+
+    async def get_unsynced_tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.unsynced(limit)]
+
+    async def recover_pending_tasks(self) -> list[dict[str, Any]]:
+        db = await self.reader()
+        sql = "SELECT * FROM task_wal WHERE status IN ('PENDING', 'RUNNING') ORDER BY created_at"
+        return [dict(r) for r in await db.execute_fetchall(sql)]
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _many(self, sql: str, ids: Sequence[str]) -> None:
+        if ids:
+            await self._transaction(lambda db: db.executemany(sql, [(i,) for i in ids]))
+
+    async def _transaction(self, work: Any) -> None:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await work(self._db)
+                await self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
+                raise
+
+
+WALManager = Journal  # the seed's name
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _check_file(path: Path) -> None:
+    """Refuse anything that is not an SQLite database, before SQLite touches it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JournalError(f"journal {path}: cannot create its directory ({exc.strerror})") from None
+    if not path.exists():
+        return
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise JournalError(f"journal {path}: cannot read it ({exc.strerror}); check its owner and mode") from None
+    if head and head != SQLITE_MAGIC:
+        raise JournalError(f"journal {path}: not an SQLite database; move it aside or point WAL_DB_PATH elsewhere")
+
+
+async def _prepare(db: aiosqlite.Connection, path: Path) -> None:
+    """Check integrity, set PRAGMAs, migrate. Nothing is written before the check passes."""
+    try:
+        await db.execute("PRAGMA busy_timeout = 10000")
+        check = list(await db.execute_fetchall("PRAGMA quick_check(1)"))
+        if check and check[0][0] != "ok":
+            raise JournalError(f"journal {path}: integrity check failed ({check[0][0]}); "
+                               "restore it from a backup or move it aside")
+        for pragma in schema.PRAGMAS:
+            await db.execute(pragma)
+        mode = list(await db.execute_fetchall("PRAGMA journal_mode"))[0][0]
+        if mode != "wal":
+            raise JournalError(f"journal {path}: could not switch to WAL mode (got {mode})")
+        await _migrate(db)
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(f"journal {path}: {exc}; restore it from a backup or move it aside") from None
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {r[0] for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "ecoworker_schema" in tables:
+            version = list(await db.execute_fetchall("SELECT version FROM ecoworker_schema"))[0][0]
+        else:
+            await db.execute("CREATE TABLE ecoworker_schema (version INTEGER NOT NULL)")
+            version = 1 if "task_wal" in tables else 0
+            await db.execute("INSERT INTO ecoworker_schema VALUES (?)", (version,))
+        if version > schema.LATEST:
+            raise JournalError(f"journal schema version {version} is newer than this ecoworker "
+                               f"({schema.LATEST}); upgrade ecoworker")
+        for step in range(version + 1, schema.LATEST + 1):
+            for statement in _statements(schema.MIGRATIONS[step]):
+                await db.execute(statement)
+            await db.execute("UPDATE ecoworker_schema SET version = ?", (step,))
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

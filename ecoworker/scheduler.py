@@ -1,0 +1,230 @@
+"""Run due PENDING rows with bounded concurrency, and journal what happened.
+
+The claim (PENDING → RUNNING, attempts+1) is committed before a handler
+starts, so a task that kills the process is counted. Outcomes are buffered and
+written in batches by one finisher: a natural group commit for state changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ecoworker import metrics
+from ecoworker.errors import PermanentError, Retry
+from ecoworker.journal import ClaimedTask, Journal, Outcome
+from ecoworker.registry import Registry, TaskContext, TaskSpec
+from ecoworker.schema import DL_OWED
+from ecoworker.settings import Settings
+
+log = logging.getLogger("ecoworker.scheduler")
+MAX_CLAIM = 500
+MAX_ERROR = 4000
+
+
+class Scheduler:
+    """Claims due rows, runs their handlers, records outcomes."""
+
+    def __init__(self, settings: Settings, journal: Journal, registry: Registry, resources: Any,
+                 on_finished: Callable[[list[Outcome], bool], None]) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.registry = registry
+        self.resources = resources
+        self.on_finished = on_finished  # (outcomes, urgent)
+        self._wake = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._per_task: Counter[str] = Counter()
+        self._outcomes: list[Outcome] = []
+        self._urgent = False
+        self._outcome_ready = asyncio.Event()
+        self._stopping = False
+        self._releasing = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    # ------------------------------------------------------------ main loops
+
+    async def run(self) -> None:
+        finisher = asyncio.create_task(self._finish_loop(), name="finisher")
+        try:
+            await self._claim_loop()
+        finally:
+            self._outcome_ready.set()
+            await finisher
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; give running handlers `grace` seconds; hand the rest back unrun."""
+        self._stopping = True
+        self._wake.set()
+        running = list(self._running.values())
+        if running:
+            log.info("waiting up to %.0fs for %d running task(s)", grace, len(running))
+            _, late = await asyncio.wait(running, timeout=grace)
+            if late:
+                log.warning("%d task(s) still running after the grace period: returned to PENDING", len(late))
+                self._releasing = True
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late)
+        self._outcome_ready.set()
+
+    async def _claim_loop(self) -> None:
+        limit = self.settings.concurrency
+        while not self._stopping:
+            self._wake.clear()
+            free = limit - len(self._running)
+            claimed: list[ClaimedTask] = []
+            if free > 0:
+                claimed = await self.journal.claim(time.time(), min(free, MAX_CLAIM), self._saturated())
+                for row in claimed:
+                    self._start(row)
+            if claimed and len(claimed) == min(free, MAX_CLAIM):
+                await asyncio.sleep(0)  # more may be due: claim again after letting others run
+                continue
+            await self._sleep_until_due(free > 0)
+
+    async def _sleep_until_due(self, have_slots: bool) -> None:
+        timeout = 1.0
+        if have_slots:
+            due = await self.journal.next_due()
+            if due is not None:
+                timeout = max(0.0, min(timeout, due - time.time()))
+        if timeout > 0 and not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _saturated(self) -> list[str]:
+        return [s.name for s in self.registry
+                if s.concurrency is not None and self._per_task[s.name] >= s.concurrency]
+
+    def _start(self, row: ClaimedTask) -> None:
+        spec = self.registry.get(row.task_name)
+        if spec is not None and spec.concurrency is not None and self._per_task[spec.name] >= spec.concurrency:
+            # claimed past this task's own limit: hand it back unrun, uncounted
+            self._record(Outcome(row.task_id, "PENDING", not_before=time.time(), attempts_inc=-1), False)
+            return
+        self._per_task[row.task_name] += 1
+        task = asyncio.create_task(self._execute(row, spec), name=f"task:{row.task_id}")
+        self._running[row.task_id] = task
+        metrics.IN_FLIGHT.set(len(self._running))
+
+    # ------------------------------------------------------------ one task
+
+    async def _execute(self, row: ClaimedTask, spec: TaskSpec | None) -> None:
+        started = time.monotonic()
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._outcome_of(row, spec)
+        except asyncio.CancelledError:
+            if self._releasing:
+                outcome = Outcome(row.task_id, "PENDING", not_before=time.time(), attempts_inc=-1,
+                                  error="interrupted by shutdown; will run again")
+            raise
+        finally:
+            self._per_task[row.task_name] -= 1
+            self._running.pop(row.task_id, None)
+            metrics.IN_FLIGHT.set(len(self._running))
+            if outcome is not None:
+                metrics.TASK_SECONDS.labels(row.task_name).observe(time.monotonic() - started)
+                metrics.TASKS_FINISHED.labels(row.task_name, outcome.status).inc()
+                self._record(outcome, spec is not None and spec.urgent)
+            self._wake.set()
+
+    async def _outcome_of(self, row: ClaimedTask, spec: TaskSpec | None) -> Outcome:
+        now = time.time()
+        if spec is None:
+            return _failed(row, f"no handler for {row.task_name!r} in this worker; "
+                                "run a worker that serves it, or `ecoworker dlq replay` later")
+        if row.expires_at is not None and row.expires_at <= now:
+            return Outcome(row.task_id, "EXPIRED", error="expired before it could run", completed_at=now)
+        timeout = row.timeout or spec.timeout
+        loop = asyncio.get_running_loop()
+        ctx = TaskContext(
+            task_id=row.task_id, task_name=row.task_name, queue=row.queue or "", attempt=row.attempts,
+            max_attempts=_max_retries(row, spec) + 1, deadline=loop.time() + timeout,
+            logger=logging.LoggerAdapter(logging.getLogger(f"ecoworker.task.{row.task_name}"), {
+                "task_id": row.task_id, "task": row.task_name, "queue": row.queue,
+                "attempt": row.attempts}),
+            resources=self.resources,
+        )
+        try:
+            args, kwargs = orjson.loads(row.args), orjson.loads(row.kwargs)
+            result = await asyncio.wait_for(spec.handler(ctx, *args, **kwargs), timeout)
+            text = orjson.dumps(result).decode()
+        except Retry as exc:
+            return self._retry_or_fail(row, spec, f"retry requested: {exc}", exc.after)
+        except PermanentError as exc:
+            return _failed(row, f"{type(exc).__name__}: {exc}")
+        except TimeoutError:
+            return self._retry_or_fail(row, spec, f"timed out after {timeout:g}s", None)
+        except orjson.JSONEncodeError as exc:
+            return _failed(row, f"handler result is not JSON-serialisable: {exc}")
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            if spec.retry.is_transient(exc):
+                return self._retry_or_fail(row, spec, message, None)
+            ctx.logger.exception("task failed permanently")
+            return _failed(row, message)
+        return Outcome(row.task_id, "SUCCESS", result=text, completed_at=time.time())
+
+    def _retry_or_fail(self, row: ClaimedTask, spec: TaskSpec, error: str, after: float | None) -> Outcome:
+        max_retries = _max_retries(row, spec)
+        if row.retry_count >= max_retries:
+            return _failed(row, f"gave up after {row.attempts} attempt(s): {error}")
+        delay = spec.retry.delay(row.retry_count + 1) if after is None else max(0.0, after)
+        metrics.RETRIES.labels(row.task_name).inc()
+        log.info("task %s (%s) attempt %d failed: %s; retrying in %.1fs", row.task_id, row.task_name,
+                 row.attempts, error[:300], delay)
+        return Outcome(row.task_id, "PENDING", error=error[:MAX_ERROR], not_before=time.time() + delay,
+                       retry_inc=1)
+
+    # ------------------------------------------------------------ outcomes
+
+    def _record(self, outcome: Outcome, urgent: bool) -> None:
+        self._outcomes.append(outcome)
+        self._urgent = self._urgent or urgent
+        self._outcome_ready.set()
+
+    async def _finish_loop(self) -> None:
+        while True:
+            if not self._outcomes:
+                if self._stopping and not self._running:
+                    return
+                self._outcome_ready.clear()
+                await self._outcome_ready.wait()
+                continue
+            batch, self._outcomes = self._outcomes, []
+            urgent, self._urgent = self._urgent, False
+            try:
+                await asyncio.shield(self.journal.finish(batch))
+            except Exception as exc:
+                log.error("could not journal %d outcome(s): %s; retrying", len(batch), exc)
+                self._outcomes[:0] = batch
+                await asyncio.sleep(1)
+                continue
+            self.on_finished(batch, urgent)
+            if any(o.status == "PENDING" for o in batch):
+                self._wake.set()
+
+
+def _max_retries(row: ClaimedTask, spec: TaskSpec) -> int:
+    return spec.retry.max_retries if row.max_retries is None else row.max_retries
+
+
+def _failed(row: ClaimedTask, error: str) -> Outcome:
+    return Outcome(row.task_id, "FAILURE", error=error[:MAX_ERROR], completed_at=time.time(),
+                   dl_state=DL_OWED)

@@ -1,0 +1,224 @@
+"""Frozen settings for the worker, built in one place (`Settings.from_env`).
+
+Only the CLI calls `from_env` (with `os.environ` and the parsed flags); every
+other module receives the finished object. `*_FILE` variants read secrets from
+files, and secrets are kept out of `repr()` so they never reach a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from ecoworker.errors import ConfigError
+
+DEFAULT_WAL_PATH = "/var/lib/ecoeco/wal/ecoworker.db"
+
+
+def redact_url(url: str | None) -> str:
+    """`amqp://user:secret@host/` → `amqp://user:***@host/` (for logs)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSettings:
+    """PostgreSQL shipping. `dsn` None means: keep results in the journal only."""
+
+    dsn: str | None = field(default=None, repr=False)
+    batch_size: int = 5000
+    max_delay: float = 1.0
+    pool_size: int = 2
+    backoff_max: float = 30.0
+    auto_migrate: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"SinkSettings(dsn={redact_url(self.dsn)!r}, batch_size={self.batch_size}, "
+            f"max_delay={self.max_delay}, pool_size={self.pool_size})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceSettings:
+    """The seed's Celery-beat jobs, run in-process."""
+
+    checkpoint_interval: float = 300.0
+    cleanup_interval: float = 3600.0
+    retention_days: float = 7.0
+    wal_warn_bytes: int = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything `ecoworker run` needs, validated."""
+
+    queues: tuple[str, ...] = ("storage",)
+    worker_name: str = field(default_factory=socket.gethostname)
+    rabbitmq_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", repr=False)
+    wal_path: Path = Path(DEFAULT_WAL_PATH)
+    concurrency: int = 100
+    prefetch: int = 1000
+    ingest_batch_max: int = 500
+    max_body_bytes: int = 1024 * 1024
+    default_max_retries: int = 3
+    grace_period: float = 50.0
+    connect_timeout: float = 30.0
+    pending_high_water: int = 100_000
+    pending_low_water: int = 50_000
+    unsynced_high_water: int = 1_000_000
+    min_free_disk_bytes: int = 64 * 1024 * 1024
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9100  # 0: an ephemeral port (tests); -1: no HTTP server
+    log_level: str = "INFO"
+    log_format: str = "auto"  # json | text | auto (json unless stderr is a terminal)
+    sink: SinkSettings = field(default_factory=SinkSettings)
+    maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "rabbitmq_url"
+        )
+        return f"Settings(rabbitmq_url={redact_url(self.rabbitmq_url)!r}, {shown})"
+
+    def __post_init__(self) -> None:
+        if not self.queues:
+            raise ConfigError("no queue to consume: pass --queue NAME (several allowed)")
+        for name in ("concurrency", "prefetch", "ingest_batch_max", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pending_low_water >= self.pending_high_water:
+            raise ConfigError("pending_low_water must be below pending_high_water")
+        if self.ingest_batch_max > 1000:
+            raise ConfigError("ingest_batch_max is capped at 1000 (one SQLite statement a batch)")
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from environment variables, then apply non-None `overrides` (flags)."""
+        e = _Env(env)
+        values: dict[str, Any] = {
+            "queues": e.list("ECOWORKER_QUEUES"),
+            "worker_name": e.str("ECOWORKER_WORKER_NAME") or e.str("HOSTNAME"),
+            "rabbitmq_url": e.secret("RABBITMQ_URL"),
+            "wal_path": e.str("WAL_DB_PATH") or e.str("ECOWORKER_WAL_PATH"),
+            "concurrency": e.int("ECOWORKER_CONCURRENCY"),
+            "prefetch": e.int("ECOWORKER_PREFETCH"),
+            "ingest_batch_max": e.int("ECOWORKER_INGEST_BATCH_MAX"),
+            "max_body_bytes": e.int("ECOWORKER_MAX_BODY_BYTES"),
+            "default_max_retries": e.int("ECOWORKER_MAX_RETRIES"),
+            "grace_period": e.float("ECOWORKER_GRACE_PERIOD"),
+            "connect_timeout": e.float("ECOWORKER_CONNECT_TIMEOUT"),
+            "pending_high_water": e.int("ECOWORKER_PENDING_HIGH_WATER"),
+            "pending_low_water": e.int("ECOWORKER_PENDING_LOW_WATER"),
+            "unsynced_high_water": e.int("ECOWORKER_UNSYNCED_HIGH_WATER"),
+            "min_free_disk_bytes": e.int("ECOWORKER_MIN_FREE_DISK_BYTES"),
+            "metrics_host": e.str("ECOWORKER_METRICS_HOST"),
+            "metrics_port": e.int("ECOWORKER_METRICS_PORT"),
+            "log_level": e.str("ECOWORKER_LOG_LEVEL"),
+            "log_format": e.str("ECOWORKER_LOG_FORMAT"),
+        }
+        sink = {
+            "dsn": e.secret("POSTGRES_DSN") or _dsn_from_parts(e),
+            "batch_size": e.int("ECOWORKER_SYNC_BATCH_SIZE"),
+            "max_delay": e.float("ECOWORKER_SYNC_MAX_DELAY"),
+            "pool_size": e.int("ECOWORKER_SYNC_POOL_SIZE"),
+            "backoff_max": e.float("ECOWORKER_SYNC_BACKOFF_MAX"),
+        }
+        maint = {
+            "checkpoint_interval": e.float("ECOWORKER_CHECKPOINT_INTERVAL"),
+            "cleanup_interval": e.float("ECOWORKER_CLEANUP_INTERVAL"),
+            "retention_days": e.float("ECOWORKER_RETENTION_DAYS"),
+            "wal_warn_bytes": e.int("ECOWORKER_WAL_WARN_BYTES"),
+        }
+        sink.update(overrides.pop("sink", {}) or {})
+        maint.update(overrides.pop("maintenance", {}) or {})
+        values.update(overrides)
+        values = {k: v for k, v in values.items() if v is not None}
+        if "queues" in values:
+            values["queues"] = tuple(dict.fromkeys(values["queues"]))
+        if "wal_path" in values:
+            values["wal_path"] = Path(values["wal_path"])
+        values["sink"] = SinkSettings(**{k: v for k, v in sink.items() if v is not None})
+        values["maintenance"] = MaintenanceSettings(
+            **{k: v for k, v in maint.items() if v is not None}
+        )
+        return cls(**values)
+
+
+def _dsn_from_parts(e: _Env) -> str | None:
+    """The seed's POSTGRES_HOST/PORT/USER/PASSWORD/DB variables as one DSN."""
+    host = e.str("POSTGRES_HOST")
+    if not host:
+        return None
+    user = quote(e.str("POSTGRES_USER") or "postgres", safe="")
+    password = e.secret("POSTGRES_PASSWORD")
+    auth = f"{user}:{quote(password, safe='')}" if password else user
+    port = e.str("POSTGRES_PORT") or "5432"
+    db = quote(e.str("POSTGRES_DB") or "ecoeco", safe="")
+    return f"postgresql://{auth}@{host}:{port}/{db}"
+
+
+class _Env:
+    """Typed, error-reporting access to an environment mapping."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def str(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return value.strip() if value and value.strip() else None
+
+    def secret(self, name: str) -> str | None:
+        """`NAME`, or the contents of the file named by `NAME_FILE`."""
+        path = self.str(f"{name}_FILE")
+        if path:
+            try:
+                return Path(path).read_text().strip() or None
+            except OSError as exc:
+                raise ConfigError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
+        return self.str(name)
+
+    def int(self, name: str) -> int | None:
+        raw = self.str(name)
+        if raw is None:
+            return None
+        if raw.lower() == "off":
+            return -1
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+
+    def float(self, name: str) -> float | None:
+        raw = self.str(name)
+        if raw is None:
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+    def list(self, name: str) -> list[str] | None:
+        raw = self.str(name)
+        return [q.strip() for q in raw.split(",") if q.strip()] if raw else None
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment (only the CLI calls this)."""
+    return os.environ

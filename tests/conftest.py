@@ -1,0 +1,97 @@
+"""Shared fixtures: the private local service stack (RabbitMQ, PostgreSQL, S3/moto).
+
+The stack is started by ``deploy/dev/services.sh up`` (idempotent: a no-op taking
+~0.2 s when it is already running) and described by the env file it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVICES_SH = REPO_ROOT / "deploy" / "dev" / "services.sh"
+DEFAULT_STACK_DIR = "/tmp/ecoworker-stack"
+
+# First start on a fresh machine may apt-install packages and build moto's venv.
+STACK_UP_TIMEOUT_S = 900
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """Parse the ``KEY=value`` lines written by ``services.sh up``."""
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ")
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip()
+    return values
+
+
+def run_services(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = STACK_UP_TIMEOUT_S,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``services.sh ARGS``; on failure with ``check`` fail the test with its output."""
+    proc = subprocess.run(
+        ["bash", str(SERVICES_SH), *args],
+        env=dict(env) if env is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"services.sh {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}",
+            pytrace=False,
+        )
+    return proc
+
+
+def stack_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The state dir services.sh uses for the given (or current) environment."""
+    source = os.environ if env is None else env
+    return Path(source.get("ECOWORKER_STACK_DIR") or DEFAULT_STACK_DIR)
+
+
+@pytest.fixture(scope="session")
+def services() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``services("cmd", ..., env=None, timeout=..., check=True)`` runs deploy/dev/services.sh."""
+    return run_services
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> Iterator[dict[str, str]]:
+    """Bring the local stack up (idempotent) and return its env file as a dict.
+
+    The values are also exported into ``os.environ`` for the whole session
+    (RABBITMQ_URL, POSTGRES_DSN, S3_ENDPOINT_URL, AWS_*, ECOWORKER_*), and the
+    previous values are restored afterwards. The stack itself is left running.
+    """
+    if os.geteuid() != 0 or shutil.which("apt-get") is None or shutil.which("runuser") is None:
+        pytest.skip("the local service stack needs root on a Debian machine")
+    state = stack_dir()
+    run_services("up")
+    values = parse_env_file(state / "env")
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield values
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
