@@ -88,7 +88,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from handlers import HandlerSettings
+    from handlers.base import HandlerSettings
 
     settings = settings_from(args)
     handler_settings = HandlerSettings.from_env(environ())
@@ -104,7 +104,8 @@ async def serve(settings: Settings, handler_settings: Any) -> int:
     from ecoworker.builtins import registry as builtin_registry
     from ecoworker.builtins import test_registry
     from ecoworker.worker import Worker
-    from handlers import build_registry, open_resources
+    from handlers import build_registry
+    from handlers.base import open_resources
 
     registry = builtin_registry.merge(build_registry())
     if environ().get("ECOWORKER_TEST_TASKS") == "1":

@@ -78,6 +78,7 @@ class Consumer:
         self.consuming = False
         self.journal_error: str | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._pending_estimate = 0  # PENDING rows: exact at each check, plus what ingest added since
 
     # ------------------------------------------------------------ lifecycle
 
@@ -147,6 +148,7 @@ class Consumer:
         while not stop.is_set():
             try:
                 counts = await self.journal.counts()
+                self._pending_estimate = counts["pending"]
                 metrics.PENDING.set(counts["pending"])
                 _toggle(self, "backlog", counts["pending"] >= s.pending_high_water,
                         counts["pending"] <= s.pending_low_water)
@@ -260,6 +262,9 @@ class Consumer:
         metrics.INGEST_SECONDS.observe(time.monotonic() - started)
         metrics.INGEST_BATCH.observe(len(batch))
         owed = False
+        self._pending_estimate += len(new)
+        if self._pending_estimate >= s.pending_high_water:
+            self.pause("backlog")  # at once, not at the next check: the broker keeps the rest
         for row, reason in zip(rows, reasons, strict=True):
             if row.task_id not in new:
                 metrics.DUPLICATES.inc()

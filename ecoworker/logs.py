@@ -76,3 +76,5 @@ def setup(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -
     root.setLevel(level.upper())
     for noisy in ("aiormq", "aio_pika", "botocore", "aiobotocore", "httpx", "openai", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # the broker supervisor logs connection loss and recovery in one line each
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

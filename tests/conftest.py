@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import aio_pika
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +98,44 @@ def stack_env() -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+@pytest.fixture
+async def amqp(stack_env: dict[str, str]) -> Any:
+    """A confirmed-publishing aio-pika connection to the stack's RabbitMQ; deletes the test's queues after."""
+    from tests.workers import Amqp
+
+    conn = await aio_pika.connect(stack_env["RABBITMQ_URL"])
+    channel = await conn.channel(publisher_confirms=True)
+    client = Amqp(conn, channel)
+    client.created = []  # type: ignore[attr-defined]
+    yield client
+    await client.delete(*client.created)  # type: ignore[attr-defined]
+    await conn.close()
+
+
+@pytest.fixture
+def queue_name(amqp: Any) -> str:
+    """A unique queue name for one test; it and its `.dead` queue are deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    amqp.created += [name, f"{name}.dead"]
+    return name
+
+
+@pytest.fixture
+def workers(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Factory: `workers(queue, **env)` → a started WorkerProcess; all are killed after the test."""
+    from tests.workers import WorkerProcess, env_for_worker
+
+    started: list[WorkerProcess] = []
+
+    def make(*queues: str, args: tuple[str, ...] = (), name: str | None = None, **env: str) -> WorkerProcess:
+        label = name or f"w{len(started)}"
+        w = WorkerProcess(tmp_path / f"{label}.db", queues, env_for_worker(stack_env, **env),
+                          tmp_path / f"{label}.log", args)
+        started.append(w)
+        return w.start()
+
+    yield make
+    for w in started:
+        w.kill()

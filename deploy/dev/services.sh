@@ -27,6 +27,7 @@ SELF=$(readlink -f "${BASH_SOURCE[0]}")
 STATE=${ECOWORKER_STACK_DIR:-/tmp/ecoworker-stack}
 case "$STATE" in /*) ;; *) STATE="$PWD/$STATE" ;; esac
 STATE=${STATE%/}
+case "$STATE" in "" | /*/..* | /..*) echo "services.sh: unusable state dir '$STATE'" >&2; exit 2 ;; esac
 CONFIG="$STATE/config"
 
 # Ports: explicit env > saved config (from the last `up` of this state dir) > default.
@@ -248,7 +249,6 @@ write_rabbitmqctl_wrapper() {
     chmod 755 "$BIN_DIR/rabbitmqctl.tmp"
     mv -f "$BIN_DIR/rabbitmqctl.tmp" "$BIN_DIR/rabbitmqctl"
 }
-rmqctl() { "$BIN_DIR/rabbitmqctl" "$@"; }
 
 rabbit_pid() { # pid of the running beam of this node, or nothing
     local pid
@@ -572,7 +572,7 @@ cmd_env() {
 }
 
 usage() {
-    sed -n '6,7p' "$SELF" | sed 's/^# //' >&2
+    sed -n '6,8p' "$SELF" | sed 's/^# //' >&2
     exit 2
 }
 
