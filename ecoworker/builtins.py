@@ -18,6 +18,12 @@ async def noop(ctx: TaskContext, **kwargs: Any) -> dict[str, Any]:
     return kwargs
 
 
+@registry.task("ecoworker.urgent", timeout=10, urgent=True)
+async def urgent(ctx: TaskContext, **kwargs: Any) -> dict[str, Any]:
+    """Like noop, but its result is shipped to PostgreSQL at once (the seed's real-time tier)."""
+    return kwargs
+
+
 @registry.task("ecoworker.sleep", timeout=3600)
 async def sleep(ctx: TaskContext, seconds: float = 1.0) -> dict[str, float]:
     """Sleep without blocking the loop."""

@@ -139,3 +139,65 @@ def workers(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[...,
     yield make
     for w in started:
         w.kill()
+
+
+# ------------------------------------------------------------------ a private stack
+PORT_KEYS = (
+    "ECOWORKER_AMQP_PORT",
+    "ECOWORKER_RABBIT_DIST_PORT",
+    "ECOWORKER_EPMD_PORT",
+    "ECOWORKER_PG_PORT",
+    "ECOWORKER_S3_PORT",
+)
+
+
+
+def listening_ports() -> set[int]:
+    """TCP ports in LISTEN state on this machine (IPv4 and IPv6)."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A":
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+
+def free_port_set() -> dict[str, int]:
+    """Ports for a second stack, none of them in use (RabbitMQ's CLI uses dist+1..+10)."""
+    used = listening_ports()
+    for offset in range(100, 1000, 100):
+        base = (56720, 56721, 43690, 54320, 59000)
+        ports = {key: port + offset for key, port in zip(PORT_KEYS, base, strict=True)}
+        wanted = set(ports.values()) | set(range(56722 + offset, 56732 + offset))
+        if not wanted & used:
+            return ports
+    raise AssertionError("no free port set for a second stack")
+
+
+
+@pytest.fixture(scope="module")
+def private_stack(stack_env: dict[str, str]) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """A second, independent stack in its own state dir on other ports, for tests that stop,
+    restart or cut its services without disturbing the shared one.
+
+    Yields (environment for services.sh, parsed env file); purged afterwards.
+    """
+    import tempfile
+
+    state = Path(tempfile.mkdtemp(prefix="ecoworker-stack2-", dir="/tmp"))
+    state.chmod(0o755)  # postgres/rabbitmq users must reach it
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in free_port_set().items()})
+    env["ECOWORKER_STACK_DIR"] = str(state)
+    try:
+        run_services("up", env=env)
+        yield env, parse_env_file(state / "env")
+    finally:
+        run_services("down", "--purge", env=env, timeout=180, check=False)
+        shutil.rmtree(state, ignore_errors=True)

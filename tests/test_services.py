@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aio_pika
 import aioboto3
 import asyncpg
 import pytest
+
+from tests.conftest import PORT_KEYS, listening_ports
 
 Services = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -36,15 +36,6 @@ ENV_KEYS = {
     "ECOWORKER_STACK_DIR",
 }
 DEFAULT_PORTS = {"56720", "56721", "43690", "54320", "59000"}
-PORT_KEYS = (
-    "ECOWORKER_AMQP_PORT",
-    "ECOWORKER_RABBIT_DIST_PORT",
-    "ECOWORKER_EPMD_PORT",
-    "ECOWORKER_PG_PORT",
-    "ECOWORKER_S3_PORT",
-)
-
-
 # ------------------------------------------------------------------ helpers
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse the KEY=value lines of a services.sh env file."""
@@ -62,21 +53,6 @@ def pid_alive(pid: int) -> bool:
         if line.startswith("State:"):
             return line.split()[1] != "Z"
     return False
-
-
-def listening_ports() -> set[int]:
-    """TCP ports in LISTEN state on this machine (IPv4 and IPv6)."""
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A":
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def pids_mentioning(text: str) -> list[int]:
@@ -202,37 +178,10 @@ def test_up_is_idempotent_and_status_reports_running(
 
 
 # ------------------------------------------------------------------ second stack
-def _free_port_set() -> dict[str, int]:
-    """Ports for a second stack, none of them in use (RabbitMQ's CLI uses dist+1..+10)."""
-    used = listening_ports()
-    for offset in range(100, 1000, 100):
-        base = (56720, 56721, 43690, 54320, 59000)
-        ports = {key: port + offset for key, port in zip(PORT_KEYS, base, strict=True)}
-        wanted = set(ports.values()) | set(range(56722 + offset, 56732 + offset))
-        if not wanted & used:
-            return ports
-    raise AssertionError("no free port set for a second stack")
-
-
 @pytest.fixture(scope="module")
-def second_stack(
-    stack_env: dict[str, str], services: Services
-) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
-    """A second, independent stack in its own state dir on other ports.
-
-    Yields (environment for services.sh, parsed env file); purged afterwards.
-    """
-    state = Path(tempfile.mkdtemp(prefix="ecoworker-stack2-", dir="/tmp"))
-    state.chmod(0o755)  # postgres/rabbitmq users must reach it
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in _free_port_set().items()})
-    env["ECOWORKER_STACK_DIR"] = str(state)
-    try:
-        services("up", env=env)
-        yield env, read_env_file(state / "env")
-    finally:
-        services("down", "--purge", env=env, timeout=180, check=False)
-        shutil.rmtree(state, ignore_errors=True)
+def second_stack(private_stack: tuple[dict[str, str], dict[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """A second, independent stack in its own state dir on other ports (see conftest.private_stack)."""
+    return private_stack
 
 
 @pytest.mark.slow
