@@ -88,7 +88,7 @@ class Client:
                 for f in done:
                     f.result()
         if pending:
-            for f in await asyncio.gather(*pending, return_exceptions=True):
-                if isinstance(f, BaseException):
-                    raise f
+            for outcome in await asyncio.gather(*pending, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
         return ids

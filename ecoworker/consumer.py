@@ -209,7 +209,7 @@ class Consumer:
         lost = asyncio.create_task(self.broker.wait_lost(generation))
         closed = asyncio.get_running_loop().create_future()
         if channel is not None:
-            channel.close_callbacks.add(lambda *_: closed.done() or closed.set_result(None))
+            channel.close_callbacks.add(lambda *_: None if closed.done() else closed.set_result(None))
         try:
             await asyncio.wait([lost, closed], return_when=asyncio.FIRST_COMPLETED)
         finally:

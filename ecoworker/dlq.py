@@ -9,6 +9,10 @@ from ecoworker.deadletter import dead_queue
 OURS = ("x-ecoworker-error", "x-ecoworker-task-id", "x-ecoworker-attempts", "x-original-queue")
 
 
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 async def list_dead(url: str, queue: str, limit: int) -> list[str]:
     """Describe up to `limit` dead letters; they all stay in the queue."""
     lines = []
@@ -21,8 +25,8 @@ async def list_dead(url: str, queue: str, limit: int) -> list[str]:
             if msg is None:
                 break
             h = msg.headers or {}
-            lines.append(f"{h.get('x-ecoworker-task-id', '?')}  attempts={h.get('x-ecoworker-attempts', 0)}  "
-                         f"{str(h.get('x-ecoworker-error', ''))[:120]}")
+            task_id, attempts = _text(h.get("x-ecoworker-task-id", "?")), _text(h.get("x-ecoworker-attempts", 0))
+            lines.append(f"{task_id}  attempts={attempts}  {_text(h.get('x-ecoworker-error', ''))[:120]}")
         await channel.close()  # unacked gets go back to the queue, in order
     finally:
         await conn.close()

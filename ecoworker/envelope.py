@@ -144,11 +144,11 @@ def digest_key(body: bytes, content_type: str | None, headers: Mapping[str, Any]
 def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    return value if isinstance(value, str) and value else None
+    return str(value) if isinstance(value, str) and value else None
 
 
-def _task_id(value: Any) -> str:
-    value = _text(value)
+def _task_id(raw: Any) -> str:
+    value = _text(raw)
     if value is None:
         raise DecodeError("missing_id", "message has no task id (body 'id', message_id or Celery 'id' header)")
     if len(value) > MAX_ID or not value.isprintable():
@@ -156,8 +156,8 @@ def _task_id(value: Any) -> str:
     return value
 
 
-def _task_name(value: Any, task_id: str) -> str:
-    value = _text(value)
+def _task_name(raw: Any, task_id: str) -> str:
+    value = _text(raw)
     if value is None:
         raise DecodeError("missing_task", f"task {task_id}: no task name", task_id)
     if len(value) > MAX_NAME or not value.isprintable():

@@ -35,7 +35,7 @@ class RetryPolicy:
     def delay(self, retry_number: int) -> float:
         """Seconds to wait before retry `retry_number` (1-based): exponential, capped, jittered."""
         raw = min(self.backoff_max, self.backoff_base * 2 ** max(0, retry_number - 1))
-        return max(0.0, raw * (1 + random.uniform(-self.jitter, self.jitter)))
+        return float(max(0.0, raw * (1 + random.uniform(-self.jitter, self.jitter))))
 
     def is_transient(self, exc: BaseException) -> bool:
         return isinstance(exc, self.retry_on)

@@ -113,38 +113,38 @@ class Settings:
         """Build settings from environment variables, then apply non-None `overrides` (flags)."""
         e = _Env(env)
         values: dict[str, Any] = {
-            "queues": e.list("ECOWORKER_QUEUES"),
-            "worker_name": e.str("ECOWORKER_WORKER_NAME") or e.str("HOSTNAME"),
+            "queues": e.names("ECOWORKER_QUEUES"),
+            "worker_name": e.text("ECOWORKER_WORKER_NAME") or e.text("HOSTNAME"),
             "rabbitmq_url": e.secret("RABBITMQ_URL"),
-            "wal_path": e.str("WAL_DB_PATH") or e.str("ECOWORKER_WAL_PATH"),
-            "concurrency": e.int("ECOWORKER_CONCURRENCY"),
-            "prefetch": e.int("ECOWORKER_PREFETCH"),
-            "ingest_batch_max": e.int("ECOWORKER_INGEST_BATCH_MAX"),
-            "max_body_bytes": e.int("ECOWORKER_MAX_BODY_BYTES"),
-            "default_max_retries": e.int("ECOWORKER_MAX_RETRIES"),
-            "grace_period": e.float("ECOWORKER_GRACE_PERIOD"),
-            "connect_timeout": e.float("ECOWORKER_CONNECT_TIMEOUT"),
-            "pending_high_water": e.int("ECOWORKER_PENDING_HIGH_WATER"),
-            "pending_low_water": e.int("ECOWORKER_PENDING_LOW_WATER"),
-            "unsynced_high_water": e.int("ECOWORKER_UNSYNCED_HIGH_WATER"),
-            "min_free_disk_bytes": e.int("ECOWORKER_MIN_FREE_DISK_BYTES"),
-            "metrics_host": e.str("ECOWORKER_METRICS_HOST"),
-            "metrics_port": e.int("ECOWORKER_METRICS_PORT"),
-            "log_level": e.str("ECOWORKER_LOG_LEVEL"),
-            "log_format": e.str("ECOWORKER_LOG_FORMAT"),
+            "wal_path": e.text("WAL_DB_PATH") or e.text("ECOWORKER_WAL_PATH"),
+            "concurrency": e.integer("ECOWORKER_CONCURRENCY"),
+            "prefetch": e.integer("ECOWORKER_PREFETCH"),
+            "ingest_batch_max": e.integer("ECOWORKER_INGEST_BATCH_MAX"),
+            "max_body_bytes": e.integer("ECOWORKER_MAX_BODY_BYTES"),
+            "default_max_retries": e.integer("ECOWORKER_MAX_RETRIES"),
+            "grace_period": e.number("ECOWORKER_GRACE_PERIOD"),
+            "connect_timeout": e.number("ECOWORKER_CONNECT_TIMEOUT"),
+            "pending_high_water": e.integer("ECOWORKER_PENDING_HIGH_WATER"),
+            "pending_low_water": e.integer("ECOWORKER_PENDING_LOW_WATER"),
+            "unsynced_high_water": e.integer("ECOWORKER_UNSYNCED_HIGH_WATER"),
+            "min_free_disk_bytes": e.integer("ECOWORKER_MIN_FREE_DISK_BYTES"),
+            "metrics_host": e.text("ECOWORKER_METRICS_HOST"),
+            "metrics_port": e.integer("ECOWORKER_METRICS_PORT"),
+            "log_level": e.text("ECOWORKER_LOG_LEVEL"),
+            "log_format": e.text("ECOWORKER_LOG_FORMAT"),
         }
-        sink = {
+        sink: dict[str, Any] = {
             "dsn": e.secret("POSTGRES_DSN") or _dsn_from_parts(e),
-            "batch_size": e.int("ECOWORKER_SYNC_BATCH_SIZE"),
-            "max_delay": e.float("ECOWORKER_SYNC_MAX_DELAY"),
-            "pool_size": e.int("ECOWORKER_SYNC_POOL_SIZE"),
-            "backoff_max": e.float("ECOWORKER_SYNC_BACKOFF_MAX"),
+            "batch_size": e.integer("ECOWORKER_SYNC_BATCH_SIZE"),
+            "max_delay": e.number("ECOWORKER_SYNC_MAX_DELAY"),
+            "pool_size": e.integer("ECOWORKER_SYNC_POOL_SIZE"),
+            "backoff_max": e.number("ECOWORKER_SYNC_BACKOFF_MAX"),
         }
-        maint = {
-            "checkpoint_interval": e.float("ECOWORKER_CHECKPOINT_INTERVAL"),
-            "cleanup_interval": e.float("ECOWORKER_CLEANUP_INTERVAL"),
-            "retention_days": e.float("ECOWORKER_RETENTION_DAYS"),
-            "wal_warn_bytes": e.int("ECOWORKER_WAL_WARN_BYTES"),
+        maint: dict[str, Any] = {
+            "checkpoint_interval": e.number("ECOWORKER_CHECKPOINT_INTERVAL"),
+            "cleanup_interval": e.number("ECOWORKER_CLEANUP_INTERVAL"),
+            "retention_days": e.number("ECOWORKER_RETENTION_DAYS"),
+            "wal_warn_bytes": e.integer("ECOWORKER_WAL_WARN_BYTES"),
         }
         sink.update(overrides.pop("sink", {}) or {})
         maint.update(overrides.pop("maintenance", {}) or {})
@@ -163,14 +163,14 @@ class Settings:
 
 def _dsn_from_parts(e: _Env) -> str | None:
     """The seed's POSTGRES_HOST/PORT/USER/PASSWORD/DB variables as one DSN."""
-    host = e.str("POSTGRES_HOST")
+    host = e.text("POSTGRES_HOST")
     if not host:
         return None
-    user = quote(e.str("POSTGRES_USER") or "postgres", safe="")
+    user = quote(e.text("POSTGRES_USER") or "postgres", safe="")
     password = e.secret("POSTGRES_PASSWORD")
     auth = f"{user}:{quote(password, safe='')}" if password else user
-    port = e.str("POSTGRES_PORT") or "5432"
-    db = quote(e.str("POSTGRES_DB") or "ecoeco", safe="")
+    port = e.text("POSTGRES_PORT") or "5432"
+    db = quote(e.text("POSTGRES_DB") or "ecoeco", safe="")
     return f"postgresql://{auth}@{host}:{port}/{db}"
 
 
@@ -180,22 +180,22 @@ class _Env:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
 
-    def str(self, name: str) -> str | None:
+    def text(self, name: str) -> str | None:
         value = self.env.get(name)
         return value.strip() if value and value.strip() else None
 
     def secret(self, name: str) -> str | None:
         """`NAME`, or the contents of the file named by `NAME_FILE`."""
-        path = self.str(f"{name}_FILE")
+        path = self.text(f"{name}_FILE")
         if path:
             try:
                 return Path(path).read_text().strip() or None
             except OSError as exc:
                 raise ConfigError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
-        return self.str(name)
+        return self.text(name)
 
-    def int(self, name: str) -> int | None:
-        raw = self.str(name)
+    def integer(self, name: str) -> int | None:
+        raw = self.text(name)
         if raw is None:
             return None
         if raw.lower() == "off":
@@ -205,8 +205,8 @@ class _Env:
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a whole number") from None
 
-    def float(self, name: str) -> float | None:
-        raw = self.str(name)
+    def number(self, name: str) -> float | None:
+        raw = self.text(name)
         if raw is None:
             return None
         try:
@@ -214,8 +214,8 @@ class _Env:
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
 
-    def list(self, name: str) -> list[str] | None:
-        raw = self.str(name)
+    def names(self, name: str) -> list[str] | None:
+        raw = self.text(name)
         return [q.strip() for q in raw.split(",") if q.strip()] if raw else None
 
 

@@ -198,7 +198,7 @@ class Sink:
         self._failures = 0
 
     def _backoff(self) -> float:
-        return min(self.settings.backoff_max, 0.5 * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0)
+        return float(min(self.settings.backoff_max, 0.5 * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0))
 
     async def _sleep(self, seconds: float) -> None:
         try:

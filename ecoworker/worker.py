@@ -67,7 +67,7 @@ class Worker:
                     await self._run(journal, broker, resources)
             finally:
                 await broker.close()
-            busy, log_pages, done = await journal.checkpoint("TRUNCATE")
+            _busy, log_pages, done = await journal.checkpoint("TRUNCATE")
             log.info("journal checkpointed (%d of %d pages); bye", done, log_pages)
         return 0
 
