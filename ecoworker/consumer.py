@@ -21,6 +21,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from ecoworker import metrics
+from ecoworker.aio import wait_event
 from ecoworker.broker import Broker
 from ecoworker.intake import to_row
 from ecoworker.journal import Journal
@@ -162,10 +163,7 @@ class Consumer:
                     self.resume("journal not writable")
             except Exception as exc:
                 log.warning("backpressure check failed: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), interval)
-            except TimeoutError:
-                pass
+            await wait_event(stop, interval)
 
     # ------------------------------------------------------------ channel
 

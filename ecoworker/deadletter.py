@@ -17,6 +17,7 @@ import orjson
 from aio_pika.abc import AbstractChannel
 
 from ecoworker import metrics
+from ecoworker.aio import wait_event
 from ecoworker.broker import Broker
 from ecoworker.envelope import TaskMessage, encode
 from ecoworker.journal import Journal
@@ -119,10 +120,7 @@ class DeadLetterPublisher:
         return self._channel
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
+        await wait_event(self._wake, seconds)
         self._wake.clear()
 
     async def _close(self) -> None:

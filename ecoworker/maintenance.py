@@ -7,6 +7,7 @@ import logging
 import time
 
 from ecoworker import metrics
+from ecoworker.aio import wait_event
 from ecoworker.journal import Journal
 from ecoworker.settings import MaintenanceSettings
 
@@ -43,10 +44,7 @@ class Maintenance:
                 self.check_size()
             except Exception as exc:
                 log.warning("maintenance job failed (retried at its next interval): %s", exc)
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.tick)
-            except TimeoutError:
-                pass
+            await wait_event(self._stop, self.tick)
 
     async def checkpoint(self) -> None:
         busy, pages, done = await self.journal.checkpoint("PASSIVE")

@@ -19,6 +19,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
+from ecoworker.aio import wait_event
+
 log = logging.getLogger("ecoworker.metrics")
 
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -71,10 +73,7 @@ async def watch_loop_lag(stop: asyncio.Event, interval: float = 0.5) -> None:
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         start = loop.time()
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
+        await wait_event(stop, interval)
         LOOP_LAG.set(max(0.0, loop.time() - start - interval) if not stop.is_set() else 0.0)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from ecoworker import metrics
+from ecoworker.aio import wait_event
 from ecoworker.errors import PermanentError, Retry
 from ecoworker.journal import ClaimedTask, Journal, Outcome
 from ecoworker.registry import Registry, TaskContext, TaskSpec
@@ -102,10 +103,7 @@ class Scheduler:
             if due is not None:
                 timeout = max(0.0, min(timeout, due - time.time()))
         if timeout > 0 and not self._stopping:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, timeout)
 
     def _saturated(self) -> list[str]:
         return [s.name for s in self.registry

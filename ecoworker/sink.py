@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from ecoworker import metrics, pgschema
+from ecoworker.aio import wait_event
 from ecoworker.errors import ConfigError
 from ecoworker.journal import Journal
 from ecoworker.registry import Registry
@@ -201,8 +202,5 @@ class Sink:
         return float(min(self.settings.backoff_max, 0.5 * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0))
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
+        await wait_event(self._wake, seconds)
         self._wake.clear()
