@@ -30,11 +30,14 @@ _INGEST_SQL_HEAD = (
 )
 _ROW_PLACEHOLDER = "(" + ", ".join("?" * len(schema.INGEST_COLUMNS)) + ")"
 # A redelivered id is a duplicate and changes nothing, unless it is a `dlq replay` of a
-# finished row (a higher `replays`): then the row starts over from the new delivery.
+# finished row (a higher `replays`) or a task `wal drain` handed off: then the row starts
+# over from the new delivery.
 _REPLAY_UPSERT = " ON CONFLICT (task_id) DO UPDATE SET " + ", ".join(
     f"{c} = excluded.{c}" for c in schema.INGEST_COLUMNS if c != "task_id"
 ) + (", started_at = NULL, result = NULL, synced_to_postgres = 0, sync_error = NULL "
-     f"WHERE excluded.replays > task_wal.replays AND task_wal.status IN {TERMINAL_SQL} "
+     f"WHERE (excluded.replays > task_wal.replays AND task_wal.status IN {TERMINAL_SQL}) "
+     # a task `wal drain` handed back to the broker may come back here: run it
+     "OR task_wal.status = 'HANDED_OFF' "
      "RETURNING task_id")
 _CLAIM_COLUMNS = (
     "task_id, task_name, queue, args, kwargs, attempts, max_retries, timeout, expires_at, retry_count"
@@ -119,6 +122,7 @@ class Journal:
         self._db = writer
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._reader_lock = asyncio.Lock()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -155,10 +159,12 @@ class Journal:
 
     async def reader(self) -> aiosqlite.Connection:
         """A separate connection for reads (stats, listings), so they never queue behind writes."""
-        if self._reader is None:
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await self._reader.execute("PRAGMA busy_timeout = 5000")
-            self._reader.row_factory = aiosqlite.Row
+        async with self._reader_lock:  # concurrent first reads must share one connection
+            if self._reader is None:
+                reader = await aiosqlite.connect(self.path, isolation_level=None)
+                await reader.execute("PRAGMA busy_timeout = 5000")
+                reader.row_factory = aiosqlite.Row
+                self._reader = reader
         return self._reader
 
     # ---------------------------------------------------------------- writes
@@ -204,7 +210,7 @@ class Journal:
         sql = (
             "UPDATE task_wal SET status = ?, result = ?, error = ?, completed_at = ?, "
             "not_before = COALESCE(?, not_before), retry_count = retry_count + ?, "
-            "attempts = attempts + ?, dl_state = MAX(dl_state, ?) WHERE task_id = ?"
+            "attempts = attempts + ?, dl_state = MAX(dl_state, ?) WHERE task_id = ? AND status = 'RUNNING'"
         )
         params = [
             (o.status, o.result, o.error, o.completed_at, o.not_before, o.retry_inc,
