@@ -14,11 +14,11 @@ help: ## list targets
 system-deps: ## Debian packages the stack and the tests need (as root; skipped when present)
 	@bash deploy/dev/system-deps.sh
 
-install: ## Python deps from uv.lock into .venv (dev extras included)
-	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
+install: system-deps ## Python deps from uv.lock into .venv (dev extras included)
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --break-system-packages uv
 	$(UV) sync --frozen --extra dev
 
-services-up: system-deps ## start RabbitMQ, PostgreSQL and S3 (moto) on private loopback ports
+services-up: ## start RabbitMQ, PostgreSQL and S3 (moto) on private loopback ports
 	bash $(STACK) up
 
 services-down: ## stop what services-up started
@@ -31,7 +31,7 @@ test-fast: install services-up ## the suite without the slow end-to-end and chao
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install ## ruff + mypy
-	.venv/bin/ruff check ecoworker handlers tests bench
+	.venv/bin/ruff check ecoworker handlers tests bench deploy
 	.venv/bin/ruff format --check ecoworker handlers || true
 	.venv/bin/mypy ecoworker handlers
 

@@ -52,7 +52,7 @@ def decode(
 ) -> TaskMessage:
     """Decode one delivery. Raises DecodeError(reason, message) for anything unusable."""
     headers = headers or {}
-    hint = _text(message_id) or _text(correlation_id) or _text(headers.get("id"))
+    hint = _hint(headers, message_id, correlation_id)
     if len(body) > max_body_bytes:
         raise DecodeError("too_large", f"body is {len(body)} bytes, over the {max_body_bytes} limit", hint)
     ctype = (_text(content_type) or "").split(";")[0].strip().lower()
@@ -145,6 +145,15 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return str(value) if isinstance(value, str) and value else None
+
+
+def _hint(headers: Mapping[str, Any], message_id: Any, correlation_id: Any) -> str | None:
+    """The id an early refusal is keyed by: the one decode() would use, and only if it is valid."""
+    if headers.get("task") is not None:
+        value = _text(headers.get("id")) or _text(correlation_id)
+    else:
+        value = _text(message_id)
+    return value if value is not None and len(value) <= MAX_ID and value.isprintable() else None
 
 
 def _task_id(raw: Any) -> str:

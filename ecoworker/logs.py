@@ -74,7 +74,8 @@ def setup(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiormq", "aio_pika", "botocore", "aiobotocore", "httpx", "openai", "asyncio"):
+    for noisy in ("aiormq", "aio_pika", "botocore", "aiobotocore", "httpx", "httpx2", "httpcore", "httpcore2",
+                  "openai", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # the broker supervisor logs connection loss and recovery in one line each
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

@@ -13,25 +13,33 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ecoworker.errors import ConfigError
 
 DEFAULT_WAL_PATH = "/var/lib/ecoeco/wal/ecoworker.db"
 
 
+SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
 def redact_url(url: str | None) -> str:
-    """`amqp://user:secret@host/` → `amqp://user:***@host/` (for logs)."""
+    """`amqp://user:secret@host/` → `amqp://user:***@host/`; `?password=` too (for logs)."""
     if not url:
         return ""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "(unparsable URL)"
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() in SECRET_PARAMS for k, _ in pairs):
+        query = urlencode([(k, "***" if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +154,9 @@ class Settings:
             "retention_days": e.number("ECOWORKER_RETENTION_DAYS"),
             "wal_warn_bytes": e.integer("ECOWORKER_WAL_WARN_BYTES"),
         }
-        sink.update(overrides.pop("sink", {}) or {})
-        maint.update(overrides.pop("maintenance", {}) or {})
-        values.update(overrides)
+        sink.update(_given(overrides.pop("sink", None)))
+        maint.update(_given(overrides.pop("maintenance", None)))
+        values.update(_given(overrides))
         values = {k: v for k, v in values.items() if v is not None}
         if "queues" in values:
             values["queues"] = tuple(dict.fromkeys(values["queues"]))
@@ -159,6 +167,11 @@ class Settings:
             **{k: v for k, v in maint.items() if v is not None}
         )
         return cls(**values)
+
+
+def _given(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The entries actually given (flags left out are None and must not hide the environment)."""
+    return {k: v for k, v in (values or {}).items() if v is not None}
 
 
 def _dsn_from_parts(e: _Env) -> str | None:

@@ -2,7 +2,7 @@
 # Installs the Debian packages ecoworker's stack, demo and tests need, when missing.
 # Runs as root on Debian/Ubuntu; elsewhere it says what to install and exits 0.
 set -euo pipefail
-want=(rabbitmq-server postgresql tesseract-ocr tesseract-ocr-eng prometheus fonts-dejavu-core python3-venv)
+want=(make rabbitmq-server postgresql tesseract-ocr tesseract-ocr-eng prometheus fonts-dejavu-core python3-venv python3-pip)
 missing=()
 for pkg in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
