@@ -149,10 +149,8 @@ def _text(value: Any) -> str | None:
 
 def _hint(headers: Mapping[str, Any], message_id: Any, correlation_id: Any) -> str | None:
     """The id an early refusal is keyed by: the one decode() would use, and only if it is valid."""
-    if headers.get("task") is not None:
-        value = _text(headers.get("id")) or _text(correlation_id)
-    else:
-        value = _text(message_id)
+    celery = headers.get("task") is not None
+    value = (_text(headers.get("id")) or _text(correlation_id)) if celery else _text(message_id)
     return value if value is not None and len(value) <= MAX_ID and value.isprintable() else None
 
 

@@ -282,7 +282,7 @@ def _new_pool(settings: HandlerSettings) -> ProcessPoolExecutor:
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["handlers.base", "handlers.images"])
+        context.set_forkserver_preload(["handlers.images"])  # Pillow only: the children need no clients
     return ProcessPoolExecutor(
         max_workers=settings.image_processes,
         mp_context=context,
