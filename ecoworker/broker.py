@@ -40,7 +40,8 @@ class Broker:
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed
+        # aio-pika does not always flag a connection the server dropped as closed: trust our own event
+        return self._up.is_set() and self._conn is not None and not self._conn.is_closed
 
     async def connect_first(self) -> None:
         """Connect at start-up, retrying for `connect_timeout` seconds, else a clear error."""

@@ -37,6 +37,8 @@ def dead_letter_message(row: Any) -> aio_pika.Message:
         "x-ecoworker-attempts": int(row["attempts"] or 0),
         "x-original-queue": row["queue"] or "",
     }
+    if row["replays"]:  # so that the next `dlq replay` counts on from here
+        extra["x-ecoworker-replay"] = int(row["replays"])
     if row["raw_body"] is not None:
         kept = orjson.loads(row["raw_headers"] or "{}")
         headers = {k: v for k, v in (kept.get("headers") or {}).items() if v is not None}

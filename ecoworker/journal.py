@@ -332,7 +332,7 @@ class Journal:
     async def owed_dead_letters(self, limit: int = 100) -> list[aiosqlite.Row]:
         db = await self.reader()
         sql = (
-            "SELECT task_id, task_name, queue, args, kwargs, error, attempts, raw_body, raw_headers "
+            "SELECT task_id, task_name, queue, args, kwargs, error, attempts, raw_body, raw_headers, replays "
             "FROM task_wal WHERE dl_state = 1 LIMIT ?"
         )
         return list(await db.execute_fetchall(sql, (limit,)))

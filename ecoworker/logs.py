@@ -35,17 +35,19 @@ class JsonFormatter(logging.Formatter):
         self.scrub = scrub
 
     def format(self, record: logging.LogRecord) -> str:
+        # scrub before encoding: JSON escapes would hide a secret containing " or \
         doc: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": self.scrub(record.getMessage()),
         }
         for key in _EXTRA_FIELDS:
             if hasattr(record, key):
-                doc[key] = getattr(record, key)
+                value = getattr(record, key)
+                doc[key] = self.scrub(value) if isinstance(value, str) else value
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            doc["exc"] = self.scrub(self.formatException(record.exc_info))
         return self.scrub(orjson.dumps(doc, default=str).decode())
 
 

@@ -27,7 +27,14 @@ _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _TASK = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 # the seed's gauges, names unchanged
-WAL_TASKS = Gauge("wal_tasks_total", "Journal rows by status", ["status"])
+class _UntypedGauge(Gauge):
+    """The seed's `wal_tasks_total` is a gauge with a counter's suffix; exported untyped,
+    promtool accepts the name the seed's dashboards already use."""
+
+    _type = "unknown"
+
+
+WAL_TASKS = _UntypedGauge("wal_tasks_total", "Journal rows by status", ["status"])
 WAL_UNSYNCED = Gauge("wal_unsynced_tasks", "Terminal journal rows not yet in PostgreSQL")
 WAL_SIZE = Gauge("wal_size_bytes", "Journal size on disk: database plus its -wal file")
 

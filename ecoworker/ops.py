@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiormq
 import orjson
 
 from ecoworker.errors import ConfigError
@@ -74,10 +75,17 @@ def add_commands(sub: Any) -> None:
 
 
 def _run(coro: Any) -> int:
+    from ecoworker import logs
     from ecoworker.cli import run_async
 
+    logs.setup("WARNING", "text")  # library chatter stays out of a command's one-line errors
+
     async def wrapper() -> int:
-        return int(await coro or 0)
+        try:
+            return int(await coro or 0)
+        except aiormq.exceptions.AMQPConnectionError as exc:
+            raise ConfigError(f"cannot connect to RabbitMQ at {redact_url(_settings().rabbitmq_url)}: {exc}; "
+                              "check RABBITMQ_URL and that the broker is up") from None
 
     return run_async(wrapper)
 
@@ -152,8 +160,10 @@ async def wal_list(args: argparse.Namespace) -> int:
 
 async def wal_checkpoint(args: argparse.Namespace) -> int:
     async with _open(args) as j:
-        busy, pages, done = await j.checkpoint(args.mode.upper())
-    print(f"{args.mode.upper()} checkpoint: {done} of {pages} WAL pages copied"
+        before = j.wal_file.stat().st_size if j.wal_file.exists() else 0
+        busy, _pages, _done = await j.checkpoint(args.mode.upper())
+        after = j.wal_file.stat().st_size if j.wal_file.exists() else 0
+    print(f"{args.mode.upper()} checkpoint: -wal file {before} → {after} bytes"
           + (" (readers kept it from finishing; run again)" if busy else ""))
     return 1 if busy else 0
 
@@ -166,7 +176,7 @@ async def wal_cleanup(args: argparse.Namespace) -> int:
 
 
 async def wal_sync(args: argparse.Namespace) -> int:
-    from ecoworker.sink import Sink
+    from ecoworker.sink import UNAVAILABLE, Sink
 
     settings = _settings()
     if not settings.sink.dsn:
@@ -175,6 +185,9 @@ async def wal_sync(args: argparse.Namespace) -> int:
         sink = Sink(settings.sink, j)
         try:
             shipped = await sink.sync_all()
+        except UNAVAILABLE as exc:
+            raise ConfigError(f"cannot reach PostgreSQL at {redact_url(settings.sink.dsn)} "
+                              f"({type(exc).__name__}: {exc}); nothing was marked synced") from None
         finally:
             await sink.close()
     print(f"shipped {shipped} row(s) to PostgreSQL")

@@ -138,7 +138,12 @@ class Scheduler:
             metrics.IN_FLIGHT.set(len(self._running))
             if outcome is not None:
                 metrics.TASK_SECONDS.labels(row.task_name).observe(time.monotonic() - started)
-                metrics.TASKS_FINISHED.labels(row.task_name, outcome.status).inc()
+                metrics.TASKS_FINISHED.labels(row.task_name, _label(outcome)).inc()
+                if outcome.status in ("FAILURE", "DEAD"):
+                    log.warning("task %s (%s) failed for good after %d attempt(s): %s", row.task_id,
+                                row.task_name, row.attempts, (outcome.error or "")[:500], extra={
+                                    "task_id": row.task_id, "task": row.task_name, "queue": row.queue,
+                                    "attempt": row.attempts})
                 self._record(outcome, spec is not None and spec.urgent)
             self._wake.set()
 
@@ -186,7 +191,8 @@ class Scheduler:
         delay = spec.retry.delay(row.retry_count + 1) if after is None else max(0.0, after)
         metrics.RETRIES.labels(row.task_name).inc()
         log.info("task %s (%s) attempt %d failed: %s; retrying in %.1fs", row.task_id, row.task_name,
-                 row.attempts, error[:300], delay)
+                 row.attempts, error[:300], delay, extra={"task_id": row.task_id, "task": row.task_name,
+                                                          "queue": row.queue, "attempt": row.attempts})
         return Outcome(row.task_id, "PENDING", error=error[:MAX_ERROR], not_before=time.time() + delay,
                        retry_inc=1)
 
@@ -217,6 +223,13 @@ class Scheduler:
             self.on_finished(batch, urgent)
             if any(o.status == "PENDING" for o in batch):
                 self._wake.set()
+
+
+def _label(outcome: Outcome) -> str:
+    """The metric label: terminal statuses as they are; a PENDING outcome is a retry or a hand-back."""
+    if outcome.status != "PENDING":
+        return outcome.status
+    return "RETRY" if outcome.retry_inc else "RELEASED"
 
 
 def _max_retries(row: ClaimedTask, spec: TaskSpec) -> int:

@@ -23,6 +23,7 @@ from ecoworker.journal import Journal, Outcome
 from ecoworker.maintenance import Maintenance
 from ecoworker.registry import Registry
 from ecoworker.scheduler import Scheduler
+from ecoworker.schema import ALL_STATUSES
 from ecoworker.settings import Settings
 from ecoworker.sink import Sink
 
@@ -67,8 +68,8 @@ class Worker:
                     await self._run(journal, broker, resources)
             finally:
                 await broker.close()
-            _busy, log_pages, done = await journal.checkpoint("TRUNCATE")
-            log.info("journal checkpointed (%d of %d pages); bye", done, log_pages)
+            busy, _pages, _done = await journal.checkpoint("TRUNCATE")
+            log.info("journal checkpointed%s; bye", " (a reader kept the -wal file)" if busy else "")
         return 0
 
     async def _run(self, journal: Journal, broker: Broker, resources: Any) -> None:
@@ -143,8 +144,9 @@ class Worker:
         if self.journal is None:
             return
         stats = await self.journal.get_stats()
-        for status, count in stats["by_status"].items():
-            metrics.WAL_TASKS.labels(status).set(count)
+        by_status = stats["by_status"]
+        for status in {*ALL_STATUSES, *by_status}:  # a status whose rows are gone reads 0
+            metrics.WAL_TASKS.labels(status).set(by_status.get(status, 0))
         counts = await self.journal.counts()
         metrics.WAL_UNSYNCED.set(counts["unsynced"])
         metrics.PENDING.set(counts["pending"])
