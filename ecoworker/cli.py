@@ -107,7 +107,7 @@ async def serve(settings: Settings, handler_settings: Any) -> int:
     from handlers import build_registry
     from handlers.base import open_resources
 
-    registry = builtin_registry.merge(build_registry())
+    registry = builtin_registry.merge(build_registry(settings.queues))  # imports only what is served
     if environ().get("ECOWORKER_TEST_TASKS") == "1":
         registry = registry.merge(test_registry)
     worker = Worker(settings, registry, lambda: open_resources(handler_settings, settings.queues))

@@ -7,14 +7,21 @@ Wiring (in the CLI, the only place that reads the environment)::
 
     settings = HandlerSettings.from_env(os.environ)
     async with open_resources(settings, queues) as resources:
-        ...  # Worker(..., registry=build_registry().for_queues(queues), resources=resources)
+        ...  # Worker(..., registry=build_registry(queues), resources=resources)
 
-This module imports nothing heavy at import time: the process-pool children
-import `handlers.images` (Pillow only), not the S3 and OpenAI clients.
+Modules: `base` (settings, resources, pool), `s3` and `llm` (the clients and
+their errors), `paths` (files under the upload root), `images` (Pillow, run in
+the pool), and the handlers: `storage` (queue "storage") and `ai` (queue "ai").
+
+Importing is the expensive part of starting a worker (`openai` alone takes
+seconds), so nothing heavy is imported until it is needed: `build_registry()`
+imports only the handler modules of the served queues, `open_resources()`
+only the clients they use, and the pool children only `handlers.images`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -23,9 +30,20 @@ if TYPE_CHECKING:
 __all__ = ["build_registry"]
 
 
-def build_registry() -> Registry:
-    """Every handler: `upload_to_s3`, `process_image` (queue "storage") and
-    `classify_waste_image`, `chat_with_llm`, `extract_text_from_image` (queue "ai")."""
-    from handlers import ai, storage
+def build_registry(queues: Iterable[str] | None = None) -> Registry:
+    """The handlers of the served `queues` (None: all of them): `upload_to_s3`, `process_image`
+    (queue "storage") and `classify_waste_image`, `chat_with_llm`, `extract_text_from_image`
+    (queue "ai"). Modules of queues not served are not imported."""
+    from ecoworker.registry import Registry
 
-    return storage.registry.merge(ai.registry)
+    served = None if queues is None else frozenset(queues)
+    registry = Registry()
+    if served is None or "storage" in served:
+        from handlers import storage
+
+        registry = registry.merge(storage.registry)
+    if served is None or "ai" in served:
+        from handlers import ai  # imports openai
+
+        registry = registry.merge(ai.registry)
+    return registry

@@ -20,25 +20,18 @@ from typing import Any
 from openai.types.chat import ChatCompletion
 
 from ecoworker.errors import PermanentError, Retry
-from ecoworker.registry import Registry, RetryPolicy, TaskContext
+from ecoworker.registry import DEFAULT_TRANSIENT, Registry, RetryPolicy, TaskContext
 from handlers import images
-from handlers.base import (
-    OCR_ENGINES,
-    TRANSIENT_ERRORS,
-    MiB,
-    download_object,
-    get_resources,
-    openai_errors,
-    read_upload_file,
-    require_openai,
-    run_in_pool,
-    validate_bucket,
-    validate_s3_key,
-)
+from handlers.base import OCR_ENGINES, MiB, get_resources, run_in_pool
+from handlers.llm import OPENAI_TRANSIENT, openai_errors, require_openai
+from handlers.paths import read_upload_file
+from handlers.s3 import S3_TRANSIENT, download_object, validate_bucket, validate_s3_key
 
 registry = Registry()
 
-AI_RETRY = RetryPolicy(max_retries=5, retry_on=TRANSIENT_ERRORS, backoff_base=2.0, backoff_max=300.0)
+AI_RETRY = RetryPolicy(
+    max_retries=5, retry_on=(*DEFAULT_TRANSIENT, *S3_TRANSIENT, *OPENAI_TRANSIENT), backoff_base=2.0, backoff_max=300.0
+)
 MAX_INLINE_IMAGE_BYTES = 20 * MiB  # OpenAI's limit for one image
 RAW_KEPT = 500  # characters of an invalid answer kept in the error message
 

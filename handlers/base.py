@@ -1,13 +1,15 @@
-"""What every handler shares: settings, the clients created once, errors, safe paths.
+"""What every handler shares: settings, the clients created once, the process pool.
 
 The CLI builds `HandlerSettings.from_env(os.environ)`, opens `open_resources()`
 once and hands the `Resources` to the worker, which puts them on every
 `TaskContext`. Handlers never read the environment and never build clients.
 
-Library errors become `Retry` (transient: timeouts, connection errors, 429,
-5xx, S3 throttling; `Retry-After` is honoured) or `PermanentError` (400/401/
-403/404, missing objects, bad input) through `s3_errors()` and
-`openai_errors()`. Messages never carry a secret.
+Nothing heavy is imported here: `open_resources()` imports the S3 client
+(`handlers.s3`) only when a handler queue is served and the OpenAI client
+(`handlers.llm`) only when the "ai" queue is served, so a storage worker never
+pays for `import openai` and a worker of built-in tasks pays for neither.
+Errors are translated next to their clients: `handlers.s3.s3_errors()` and
+`handlers.llm.openai_errors()`; input paths are checked in `handlers.paths`.
 """
 
 from __future__ import annotations
@@ -18,47 +20,29 @@ import multiprocessing
 import os
 import re
 import shutil
-import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aioboto3
-import aiohttp
-import botocore.exceptions as bce
-import openai
-from aiobotocore.config import AioConfig
+from ecoworker.errors import ConfigError, PermanentError, Retry
+from ecoworker.registry import TaskContext
 
-from ecoworker.errors import ConfigError, EcoworkerError, PermanentError, Retry
-from ecoworker.registry import DEFAULT_TRANSIENT, TaskContext
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 T = TypeVar("T")
 N = TypeVar("N", int, float)
 MiB = 1024 * 1024
-OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 OCR_ENGINES = ("tesseract", "openai")
-
-#: Library errors that mean "try again later"; part of every handler's RetryPolicy.
-S3_TRANSIENT: tuple[type[BaseException], ...] = (
-    bce.HTTPClientError,  # ReadTimeout, ConnectionClosed, ResponseStreaming
-    bce.ConnectionError,  # EndpointConnection, ConnectTimeout
-    bce.IncompleteReadError,
-    bce.ChecksumError,
-    bce.CredentialRetrievalError,
-    aiohttp.ClientConnectionError,
-    aiohttp.ClientPayloadError,
-)
-OPENAI_TRANSIENT: tuple[type[BaseException], ...] = (
-    openai.APIConnectionError,  # includes APITimeoutError
-    openai.RateLimitError,
-    openai.InternalServerError,
-)
-TRANSIENT_ERRORS = (*DEFAULT_TRANSIENT, *S3_TRANSIENT, *OPENAI_TRANSIENT)
+#: The queues whose handlers use the clients and the pool.
+HANDLER_QUEUES = frozenset({"storage", "ai"})
+#: A valid S3 bucket name (checked for the default here, for a task's bucket in `handlers.s3`).
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 
 
 class Secret:
@@ -136,7 +120,7 @@ class HandlerSettings:
         if not root.is_absolute():
             raise ConfigError(f"ECOWORKER_UPLOAD_ROOT={str(root)!r} must be an absolute path")
         bucket = get("ECOWORKER_S3_BUCKET", "S3_BUCKET") or cls.bucket
-        if not _BUCKET_RE.fullmatch(bucket):
+        if not BUCKET_RE.fullmatch(bucket):
             raise ConfigError(f"ECOWORKER_S3_BUCKET={bucket!r} is not a valid S3 bucket name")
         secret_key = get("AWS_SECRET_ACCESS_KEY")
         token = get("AWS_SESSION_TOKEN")
@@ -179,9 +163,6 @@ class HandlerSettings:
             )
 
 
-_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
-
-
 def _number(env: Mapping[str, str], name: str, kind: Callable[[str], N], default: N, low: N) -> N:
     raw = env.get(name, "").strip()
     if not raw:
@@ -213,11 +194,15 @@ def _openai_key(value: str | None, key_file: str | None) -> Secret | None:
 
 @dataclass(eq=False)
 class Resources:
-    """The shared clients, created once per process by `open_resources()`."""
+    """The shared clients, created once per process by `open_resources()`.
+
+    `s3` is None when neither "storage" nor "ai" is served, `openai` when "ai"
+    is not: no handler that needs them is registered then.
+    """
 
     settings: HandlerSettings
     s3: Any  # aiobotocore S3 client
-    openai: openai.AsyncOpenAI | None
+    openai: AsyncOpenAI | None
     pool: ProcessPoolExecutor
     secrets: tuple[str, ...] = field(default=(), repr=False)  # scrubbed from error messages
 
@@ -230,24 +215,23 @@ class Resources:
 
 @asynccontextmanager
 async def open_resources(settings: HandlerSettings, queues: Iterable[str]) -> AsyncIterator[Resources]:
-    """Create the S3 client, the OpenAI client and the process pool; close them all on exit."""
+    """Create the clients the served `queues` need and the process pool; close them all on exit."""
     queues = frozenset(queues)
     settings.check_for_queues(queues)
     async with AsyncExitStack() as stack:
-        s3 = await stack.enter_async_context(_s3_client(settings))
-        client = None
-        if settings.openai_api_key is not None or settings.openai_base_url is not None:
-            client = openai.AsyncOpenAI(
-                # OpenAI-compatible servers (vLLM, Ollama, tests) ignore the key.
-                api_key=settings.openai_api_key.get() if settings.openai_api_key else "unused",
-                base_url=settings.openai_base_url or OPENAI_DEFAULT_URL,
-                timeout=settings.openai_timeout,
-                max_retries=0,  # the worker retries, with back-off and a journal
-            )
+        s3 = client = None
+        if queues & HANDLER_QUEUES:
+            from handlers.s3 import s3_client  # imports aioboto3 (botocore)
+
+            s3 = await stack.enter_async_context(s3_client(settings))
+        if "ai" in queues:
+            from handlers.llm import openai_client  # imports openai (seconds of CPU)
+
+            client = openai_client(settings)
             stack.push_async_callback(client.close)
         secrets = tuple(s.get() for s in (settings.openai_api_key, settings.aws_secret_access_key) if s)
         resources = Resources(settings, s3, client, _new_pool(settings), secrets)
-        if queues & {"storage", "ai"}:
+        if queues & HANDLER_QUEUES:
             # Start the pool processes now, off the loop (the first start of the
             # forkserver imports the preloaded modules), not on the first task.
             await asyncio.to_thread(resources.pool.submit, int)
@@ -256,27 +240,9 @@ async def open_resources(settings: HandlerSettings, queues: Iterable[str]) -> As
         yield resources
 
 
-def _s3_client(settings: HandlerSettings) -> Any:
-    session = aioboto3.Session(
-        aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=(settings.aws_secret_access_key.get() if settings.aws_secret_access_key else None),
-        aws_session_token=settings.aws_session_token.get() if settings.aws_session_token else None,
-        region_name=settings.aws_region,
-    )
-    config = AioConfig(
-        connect_timeout=10,
-        read_timeout=60,
-        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
-        max_pool_connections=32,
-        # Custom endpoints (moto, MinIO, Ceph) rarely do virtual-host buckets.
-        s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
-    )
-    return session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
-
-
 def _new_pool(settings: HandlerSettings) -> ProcessPoolExecutor:
     # fork is unsafe in a threaded asyncio process. The forkserver imports the
-    # heavy modules (Pillow, the clients) once; the children it forks, including
+    # heavy modules (Pillow) once; the children it forks, including
     # replacements, inherit them. (Each child still re-runs the main module's
     # imports, as spawn does: the entry point must be guarded by __name__.)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -304,13 +270,6 @@ def get_resources(ctx: TaskContext) -> Resources:
     return ctx.resources
 
 
-def require_openai(ctx: TaskContext) -> openai.AsyncOpenAI:
-    client = get_resources(ctx).openai
-    if client is None:
-        raise PermanentError(f"task {ctx.task_id}: no OpenAI client: set OPENAI_API_KEY or OPENAI_BASE_URL")
-    return client
-
-
 async def run_in_pool(ctx: TaskContext, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` in the process pool; a dead child becomes a Retry and a fresh pool."""
     resources = get_resources(ctx)
@@ -325,11 +284,11 @@ async def run_in_pool(ctx: TaskContext, fn: Callable[..., T], *args: Any) -> T:
         ) from None
 
 
-# --------------------------------------------------------------------------- errors
-
-
 def retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds asked for by `Retry-After` / `retry-after-ms`, or None when absent or unreadable."""
+    """Seconds asked for by `Retry-After` / `retry-after-ms`, or None when absent or unreadable.
+
+    Shared by the S3 and OpenAI error translation (`handlers.s3`, `handlers.llm`).
+    """
     if not headers:
         return None
     lower = {k.lower(): v for k, v in headers.items()}
@@ -346,217 +305,3 @@ def retry_after(headers: Mapping[str, str] | None) -> float | None:
             return max(0.0, when.timestamp() - time.time())
     except (ValueError, TypeError):
         return None
-
-
-_S3_THROTTLED = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-    "TooManyRequests", "ServiceUnavailable", "InternalError", "RequestTimeout",
-    "RequestTimeTooSkewed", "OperationAborted",
-}  # fmt: skip
-_S3_HINTS = {
-    "NoSuchBucket": "create the bucket or fix ECOWORKER_S3_BUCKET / the task's bucket",
-    "NoSuchKey": "check the key: the object does not exist",
-    "404": "check the key: the object does not exist",
-    "AccessDenied": "grant the worker's credentials access to this bucket and key",
-    "403": "grant the worker's credentials access to this bucket and key",
-    "InvalidAccessKeyId": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
-    "SignatureDoesNotMatch": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
-}
-
-
-def classify_s3_error(exc: bce.ClientError, action: str) -> EcoworkerError:
-    """A botocore ClientError as Retry (throttling, 5xx) or PermanentError (4xx)."""
-    error = exc.response.get("Error", {})
-    meta = exc.response.get("ResponseMetadata", {})
-    code = str(error.get("Code") or meta.get("HTTPStatusCode") or "unknown")
-    status = int(meta.get("HTTPStatusCode") or 0)
-    text = str(error.get("Message") or "").strip()
-    detail = f"{code} (HTTP {status}){': ' + text if text else ''}"
-    if code in _S3_THROTTLED or status == 429 or status >= 500:
-        after = retry_after(meta.get("HTTPHeaders"))
-        return Retry(f"{action}: S3 is busy or failing: {detail}; retrying later", after=after)
-    hint = _S3_HINTS.get(code, "fix the request; retrying will not help")
-    return PermanentError(f"{action}: S3 refused: {detail}; {hint}")
-
-
-@contextmanager
-def s3_errors(action: str) -> Iterator[None]:
-    """Translate S3 client errors raised inside the block; `action` says what was being done."""
-    try:
-        yield
-    except EcoworkerError:
-        raise
-    except bce.ClientError as exc:
-        raise classify_s3_error(exc, action) from exc
-    except (bce.NoCredentialsError, bce.PartialCredentialsError) as exc:
-        raise PermanentError(
-            f"{action}: no usable AWS credentials ({type(exc).__name__}): "
-            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a role"
-        ) from None
-    except (*S3_TRANSIENT, *DEFAULT_TRANSIENT) as exc:
-        raise Retry(f"{action}: S3 unreachable: {type(exc).__name__}: {exc}") from exc
-
-
-_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{3,}|Bearer\s+\S+)")
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with known secrets and anything shaped like an API key replaced by ***."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return _KEYLIKE.sub("***", text)
-
-
-def classify_openai_error(exc: openai.APIStatusError, action: str) -> EcoworkerError:
-    """An OpenAI HTTP error as Retry (429, 408, 409, 5xx) or PermanentError (other 4xx)."""
-    status = exc.status_code
-    body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else body
-    code = str(error.get("code") or error.get("type") or "") if isinstance(error, dict) else ""
-    message = error.get("message") if isinstance(error, dict) else None
-    text = str(message or exc.message)[:300]
-    detail = f"HTTP {status}{' ' + code if code else ''}: {text}"
-    if exc.request_id:
-        detail += f" (request id {exc.request_id})"
-    if status == 429 and code == "insufficient_quota":
-        return PermanentError(f"{action}: OpenAI quota exhausted ({detail}); add credit")
-    if status in (408, 409, 429) or status >= 500:
-        after = retry_after(exc.response.headers)
-        return Retry(f"{action}: OpenAI is busy or failing: {detail}", after=after)
-    hint = {
-        401: "check OPENAI_API_KEY",
-        403: "the key has no access to this model or project",
-        404: "check the model name (ECOWORKER_*_MODEL) and OPENAI_BASE_URL",
-    }.get(status, "fix the request; retrying will not help")
-    if "content_policy" in code or "content_filter" in code:
-        hint = "the input was rejected by the content policy"
-    return PermanentError(f"{action}: OpenAI refused: {detail}; {hint}")
-
-
-@contextmanager
-def openai_errors(action: str, secrets: Iterable[str] = ()) -> Iterator[None]:
-    """Translate OpenAI client errors raised inside the block; messages are redacted."""
-    try:
-        yield
-    except EcoworkerError:
-        raise
-    except openai.APITimeoutError:
-        raise Retry(f"{action}: the OpenAI API did not answer in time") from None
-    except openai.APIConnectionError as exc:
-        cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
-        raise Retry(f"{action}: cannot reach the OpenAI API ({cause})") from None
-    except openai.APIStatusError as exc:
-        # `from None`: the library's own message may echo part of the key.
-        error = classify_openai_error(exc, action)
-        error.args = (redact(str(error), secrets),)
-        raise error from None
-
-
-# --------------------------------------------------------------------------- input checks
-
-
-class MissingFileError(PermanentError):
-    """The file named by a task does not exist under the upload root."""
-
-
-def validate_s3_key(key: object, what: str = "s3_key") -> str:
-    """`key` if it is a safe S3 key, else PermanentError saying what is wrong."""
-    if not isinstance(key, str) or not key:
-        raise PermanentError(f"{what} must be a non-empty string, got {key!r:.80}")
-    if key.startswith("/"):
-        raise PermanentError(f"{what} {key!r:.200} must not start with '/'")
-    if ".." in key.split("/"):
-        raise PermanentError(f"{what} {key!r:.200} must not contain a '..' segment")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise PermanentError(f"{what} {key!r:.200} must not contain control characters")
-    if len(key.encode()) > 1024:
-        raise PermanentError(f"{what} is {len(key.encode())} bytes long; S3 allows 1024")
-    return key
-
-
-def validate_bucket(bucket: object, settings: HandlerSettings) -> str:
-    """The task's bucket (or the configured default) if it is a valid bucket name."""
-    if bucket is None:
-        return settings.bucket
-    if not isinstance(bucket, str) or not _BUCKET_RE.fullmatch(bucket):
-        raise PermanentError(f"bucket {bucket!r:.80} is not a valid S3 bucket name")
-    return bucket
-
-
-def resolve_upload_path(settings: HandlerSettings, file_path: object) -> Path:
-    """The real path of `file_path` (relative to, or absolute inside, the upload root).
-
-    Refuses with PermanentError anything whose real path (symlinks resolved)
-    leaves the root, and anything that is not an existing regular file.
-    """
-    if not isinstance(file_path, str) or not file_path or "\0" in file_path:
-        raise PermanentError(f"file_path must be a non-empty string, got {file_path!r:.80}")
-    root = Path(os.path.realpath(settings.upload_root))
-    real = Path(os.path.realpath(root / file_path))  # an absolute file_path replaces root
-    if not real.is_relative_to(root) or real == root:
-        raise PermanentError(
-            f"file_path {file_path!r:.200} is outside the upload root {str(root)!r} "
-            "(after resolving '..' and symlinks): put the file under ECOWORKER_UPLOAD_ROOT and "
-            "pass its path relative to it"
-        )
-    try:
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        raise MissingFileError(
-            f"file_path {file_path!r:.200}: no such file under {root}; check the path (relative to the upload root)"
-        ) from None
-    except OSError as exc:
-        raise PermanentError(f"file_path {file_path!r:.200}: cannot stat: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise PermanentError(f"file_path {file_path!r:.200} is not a regular file")
-    return real
-
-
-def open_regular_file(path: Path) -> int:
-    """Open a path from `resolve_upload_path` for reading without following a late symlink."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MissingFileError(f"{path}: the file disappeared before it could be read") from None
-    except OSError as exc:
-        raise PermanentError(f"{path}: cannot open: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise PermanentError(f"{path} is not a regular file")
-    return fd
-
-
-async def read_upload_file(settings: HandlerSettings, file_path: object, max_bytes: int) -> bytes:
-    """The bytes of a file under the upload root, refused when larger than `max_bytes`."""
-    path = resolve_upload_path(settings, file_path)
-
-    def read() -> bytes:
-        fd = open_regular_file(path)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise PermanentError(f"{path} is larger than the {max_bytes}-byte limit")
-        return data
-
-    return await asyncio.to_thread(read)
-
-
-async def download_object(ctx: TaskContext, bucket: str, key: str, max_bytes: int) -> bytes:
-    """The bytes of s3://bucket/key, refused (PermanentError) when larger than `max_bytes`."""
-    action = f"task {ctx.task_id}: downloading s3://{bucket}/{key}"
-    too_big = f"{action}: the object is larger than the {max_bytes}-byte limit"
-    with s3_errors(action):
-        response = await get_resources(ctx).s3.get_object(Bucket=bucket, Key=key)
-        body = response["Body"]
-        async with body:  # releases (or closes) the connection however we leave
-            if int(response.get("ContentLength") or 0) > max_bytes:
-                raise PermanentError(too_big + " (ECOWORKER_MAX_DOWNLOAD_BYTES)")
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := await body.read(MiB):
-                size += len(chunk)
-                if size > max_bytes:  # the server lied about the length
-                    raise PermanentError(too_big)
-                chunks.append(chunk)
-        return b"".join(chunks)

@@ -16,25 +16,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ecoworker.errors import PermanentError, Retry
-from ecoworker.registry import Registry, RetryPolicy, TaskContext
+from ecoworker.registry import DEFAULT_TRANSIENT, Registry, RetryPolicy, TaskContext
 from handlers import images
-from handlers.base import (
-    TRANSIENT_ERRORS,
-    MiB,
-    MissingFileError,
-    download_object,
-    get_resources,
-    open_regular_file,
-    resolve_upload_path,
-    run_in_pool,
-    s3_errors,
-    validate_bucket,
-    validate_s3_key,
-)
+from handlers.base import MiB, get_resources, run_in_pool
+from handlers.paths import MissingFileError, open_regular_file, resolve_upload_path
+from handlers.s3 import S3_TRANSIENT, download_object, s3_errors, validate_bucket, validate_s3_key
 
 registry = Registry()
 
-STORAGE_RETRY = RetryPolicy(max_retries=5, retry_on=TRANSIENT_ERRORS, backoff_base=2.0, backoff_max=300.0)
+STORAGE_RETRY = RetryPolicy(
+    max_retries=5, retry_on=(*DEFAULT_TRANSIENT, *S3_TRANSIENT), backoff_base=2.0, backoff_max=300.0
+)
 MULTIPART_THRESHOLD = 8 * MiB  # files above this go up in parts
 MAX_PARTS = 10_000  # S3's limit: the part size grows for files above ~78 GiB
 PARTS_IN_FLIGHT = 4  # per upload; bounds memory to 4 parts

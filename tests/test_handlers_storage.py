@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -21,6 +23,7 @@ from tests.handler_fixtures import *  # noqa: F403
 from tests.handler_fixtures import MakeResources, get_object, list_keys, make_ctx, put_object
 
 MiB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write(root: Path, name: str, data: bytes) -> Path:
@@ -365,6 +368,54 @@ class TestPool:
         """A context without resources fails with a message naming the wiring fix."""
         with pytest.raises(PermanentError, match="open_resources"):
             await upload_to_s3(make_ctx(None), "f", "k")
+
+
+#: What a `--queue storage` worker does with the handlers at start-up, then a check of what it imported.
+STORAGE_WORKER = """
+import asyncio, sys
+from handlers import build_registry
+from handlers.base import HandlerSettings, open_resources
+
+async def start():
+    settings = HandlerSettings.from_env({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    async with open_resources(settings, ["storage"]) as resources:
+        assert resources.s3 is not None and resources.openai is None
+
+names = sorted(spec.name for spec in build_registry(["storage"]))
+assert names == ["process_image", "upload_to_s3"], names
+asyncio.run(start())
+assert "openai" not in sys.modules, "a storage worker imported openai"
+"""
+#: The same for a worker of built-in tasks only.
+BUILTIN_WORKER = """
+import asyncio, sys
+from handlers import build_registry
+from handlers.base import HandlerSettings, open_resources
+
+async def start():
+    async with open_resources(HandlerSettings.from_env({}), ["other"]) as resources:
+        assert resources.s3 is None and resources.openai is None
+
+assert len(build_registry(["other"])) == 0
+asyncio.run(start())
+imported = {"handlers.storage", "handlers.ai", "handlers.s3", "openai", "aioboto3"} & sys.modules.keys()
+assert not imported, f"a worker of built-in tasks imported {sorted(imported)}"
+"""
+
+
+class TestStartupImports:
+    def run_python(self, code: str) -> None:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def test_storage_worker_does_not_import_openai(self) -> None:
+        """A storage-only worker registers the storage handlers and opens its clients
+        without ever importing openai (seconds of start-up CPU)."""
+        self.run_python(STORAGE_WORKER)
+
+    def test_builtin_worker_imports_no_handler_module(self) -> None:
+        """A worker of other queues imports neither handler module nor any client library."""
+        self.run_python(BUILTIN_WORKER)
 
 
 def _png(size: tuple[int, int]) -> bytes:
