@@ -187,7 +187,7 @@ class Amqp:
                 ch = await self.conn.channel()
                 await ch.queue_delete(name)
                 await ch.close()
-            except Exception:  # noqa: S110 - best-effort cleanup
+            except Exception:
                 pass
 
 
