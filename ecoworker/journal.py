@@ -123,6 +123,7 @@ class Journal:
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._reader_lock = asyncio.Lock()
+        self._sync_mode = "FULL"  # as schema.PRAGMAS leave it
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -184,7 +185,7 @@ class Journal:
             + ", ".join([_ROW_PLACEHOLDER] * len(rows))
             + _REPLAY_UPSERT
         )
-        async with self._lock:
+        async with self._writing(durable=True):
             fetched = await self._db.execute_fetchall(sql, params)
         return {r[0] for r in fetched}
 
@@ -199,7 +200,7 @@ class Journal:
             "WHERE task_id IN (SELECT task_id FROM task_wal WHERE status = 'PENDING' "
             f"AND not_before <= ? {skip} ORDER BY not_before LIMIT ?) RETURNING {_CLAIM_COLUMNS}"
         )
-        async with self._lock:
+        async with self._writing():
             fetched = await self._db.execute_fetchall(sql, [now, now, *excluded, limit])
         return [ClaimedTask(*r) for r in fetched]
 
@@ -227,7 +228,7 @@ class Journal:
             "WHERE status = 'RUNNING' AND attempts >= COALESCE(max_retries, ?) + 1"
         )
         requeue = "UPDATE task_wal SET status = 'PENDING', not_before = ? WHERE status = 'RUNNING'"
-        async with self._lock:
+        async with self._writing():
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 dead = (await self._db.execute(bury, (now, DL_OWED, default_max_retries))).rowcount
@@ -244,11 +245,11 @@ class Journal:
 
     async def mark_sync_rejected(self, task_id: str, error: str) -> None:
         sql = "UPDATE task_wal SET synced_to_postgres = ?, sync_error = ? WHERE task_id = ?"
-        async with self._lock:
+        async with self._writing():
             await self._db.execute(sql, (SYNC_REJECTED, error, task_id))
 
     async def mark_dead_lettered(self, task_id: str) -> None:
-        async with self._lock:
+        async with self._writing():
             await self._db.execute("UPDATE task_wal SET dl_state = ? WHERE task_id = ?", (DL_SENT, task_id))
 
     async def requeue(self, statuses: Sequence[str], task_name: str | None = None,
@@ -261,7 +262,7 @@ class Journal:
             f"WHERE status IN ({marks}) AND (? IS NULL OR task_name = ?) "
             "AND (? IS NULL OR completed_at >= ?)"
         )
-        async with self._lock:
+        async with self._writing():
             cur = await self._db.execute(sql, (time.time(), *statuses, task_name, task_name, since, since))
         return cur.rowcount
 
@@ -280,7 +281,7 @@ class Journal:
             "error = 'marked failed by wal recover: RUNNING since ' || started_at "
             "WHERE status = 'RUNNING' AND started_at < ?"
         )
-        async with self._lock:
+        async with self._writing():
             return (await self._db.execute(sql, (time.time(), DL_OWED, started_before))).rowcount
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
@@ -288,7 +289,7 @@ class Journal:
         mode = mode.upper()
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"checkpoint mode {mode!r}: use PASSIVE, FULL, RESTART or TRUNCATE")
-        async with self._lock:
+        async with self._writing():
             rows = list(await self._db.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
         busy, log, done = rows[0]
         return int(busy), int(log), int(done)
@@ -303,7 +304,7 @@ class Journal:
         )
         deleted = 0
         while True:
-            async with self._lock:
+            async with self._writing():
                 n = (await self._db.execute(sql, (cutoff, chunk))).rowcount
             deleted += n
             if n < chunk:
@@ -314,7 +315,7 @@ class Journal:
         return deleted
 
     async def incremental_vacuum(self, pages: int = 0) -> None:
-        async with self._lock:
+        async with self._writing():
             await self._db.execute_fetchall(f"PRAGMA incremental_vacuum({int(pages)})")
 
     # ---------------------------------------------------------------- reads
@@ -412,7 +413,7 @@ class Journal:
 
     async def start_task(self, task_id: str) -> None:
         sql = "UPDATE task_wal SET status = 'RUNNING', attempts = attempts + 1, started_at = ? WHERE task_id = ?"
-        async with self._lock:
+        async with self._writing():
             await self._db.execute(sql, (time.time(), task_id))
 
     async def complete_task(self, task_id: str, result: Any) -> None:
@@ -421,7 +422,7 @@ class Journal:
 
     async def fail_task(self, task_id: str, error: str, retry_count: int = 0) -> None:
         sql = "UPDATE task_wal SET status = 'FAILURE', error = ?, retry_count = ?, completed_at = ? WHERE task_id = ?"
-        async with self._lock:
+        async with self._writing():
             await self._db.execute(sql, (error, retry_count, time.time(), task_id))
 
     async def get_unsynced_tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -434,12 +435,24 @@ class Journal:
 
     # ---------------------------------------------------------------- helpers
 
+    @asynccontextmanager
+    async def _writing(self, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:
+        """The writer connection, exclusively. `durable` commits fsync the WAL (synchronous=FULL):
+        ingest, which every ack waits on. Later state changes commit at NORMAL: a process crash
+        cannot lose them, a power loss at worst runs a task again (DESIGN §3)."""
+        async with self._lock:
+            mode = "FULL" if durable else "NORMAL"
+            if self._sync_mode != mode:
+                await self._db.execute(f"PRAGMA synchronous = {mode}")
+                self._sync_mode = mode
+            yield self._db
+
     async def _many(self, sql: str, ids: Sequence[str]) -> None:
         if ids:
             await self._transaction(lambda db: db.executemany(sql, [(i,) for i in ids]))
 
     async def _transaction(self, work: Any) -> None:
-        async with self._lock:
+        async with self._writing():
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 await work(self._db)

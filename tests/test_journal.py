@@ -254,6 +254,20 @@ class TestMigration:
 # ------------------------------------------------------------------ ingest
 
 class TestIngest:
+    async def test_commits_at_full_even_after_normal_writes(self, journal: Journal) -> None:
+        """Ingest (what every ack waits on) runs at synchronous=FULL; later state changes at NORMAL."""
+        traced: list[str] = []
+        await journal._db.set_trace_callback(traced.append)
+        await journal.ingest([task("a")])
+        await journal.claim(now=9e9, limit=1)
+        await journal.ingest([task("b")])
+        await journal._db.set_trace_callback(None)
+        pragmas = [t for t in traced if "synchronous" in t or t.startswith("INSERT") or t.startswith("UPDATE")]
+        kinds = ["FULL" if "FULL" in t else "NORMAL" if "NORMAL" in t else t.split()[0] for t in pragmas]
+        # the claim switched to NORMAL, so the second ingest must switch back to FULL first
+        assert kinds[-2:] == ["FULL", "INSERT"] and "NORMAL" in kinds
+        assert list(await journal._db.execute_fetchall("PRAGMA synchronous"))[0][0] == 2
+
     async def test_returns_the_new_ids(self, journal: Journal) -> None:
         """Ingest stores every row and returns exactly the ids it inserted."""
         assert await journal.ingest([task("a"), task("b"), task("c")]) == {"a", "b", "c"}
