@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
@@ -23,6 +24,16 @@ log = logging.getLogger("ecoworker.broker")
 
 class BrokerUnavailable(ConfigError):
     """RabbitMQ could not be reached at start-up; check RABBITMQ_URL and the broker."""
+
+
+def with_heartbeat(url: str, seconds: int = 10) -> str:
+    """A silently dead connection (a firewall forgot it) is noticed after about 3 heartbeats;
+    the client default of 60 s would leave a worker idle for minutes. A URL's own setting wins."""
+    parts = urlsplit(url)
+    if "heartbeat" in dict(parse_qsl(parts.query)):
+        return url
+    query = "&".join(q for q in (parts.query, f"heartbeat={seconds}") if q)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 class Broker:
@@ -108,7 +119,7 @@ class Broker:
                 log.debug("closing the broker connection: %s", exc)
 
     async def _open(self) -> None:
-        conn = await aio_pika.connect(self.url, timeout=10)
+        conn = await aio_pika.connect(with_heartbeat(self.url), timeout=10)
         conn.close_callbacks.add(self._on_close)
         self._conn = conn
         self.generation += 1

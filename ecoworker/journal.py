@@ -223,9 +223,10 @@ class Journal:
     async def recover(self, now: float, default_max_retries: int) -> Recovery:
         """Start-up: RUNNING rows were in flight during a crash. Re-run or bury them."""
         bury = (
+            # attempts that recorded no outcome (attempts - retry_count) are the ones that crashed
             "UPDATE task_wal SET status = 'DEAD', completed_at = ?, dl_state = ?, error = "
-            "'crashed the worker on each of its ' || attempts || ' attempts; not run again' "
-            "WHERE status = 'RUNNING' AND attempts >= COALESCE(max_retries, ?) + 1"
+            "'crashed the worker on ' || (attempts - retry_count) || ' attempts; not run again' "
+            "WHERE status = 'RUNNING' AND attempts - retry_count >= COALESCE(max_retries, ?) + 1"
         )
         requeue = "UPDATE task_wal SET status = 'PENDING', not_before = ? WHERE status = 'RUNNING'"
         async with self._writing():
@@ -240,13 +241,22 @@ class Journal:
         pending = (await self.counts())["pending"]
         return Recovery(requeued=requeued, dead=dead, pending=pending)
 
-    async def mark_synced(self, task_ids: Sequence[str]) -> None:
-        await self._many("UPDATE task_wal SET synced_to_postgres = 1 WHERE task_id = ?", task_ids)
+    async def mark_synced(self, task_ids: Sequence[str], completed_at: Sequence[float | None] | None = None) -> None:
+        """Mark shipped rows. With `completed_at` (what was shipped), a row that changed meanwhile
+        (`wal retry-failed`, a replay) is left unsynced, so its next outcome ships too."""
+        if completed_at is None:
+            await self._many("UPDATE task_wal SET synced_to_postgres = 1 WHERE task_id = ?", task_ids)
+            return
+        sql = "UPDATE task_wal SET synced_to_postgres = 1 WHERE task_id = ? AND completed_at IS ?"
+        params = list(zip(task_ids, completed_at, strict=True))
+        if params:
+            await self._transaction(lambda db: db.executemany(sql, params))
 
-    async def mark_sync_rejected(self, task_id: str, error: str) -> None:
-        sql = "UPDATE task_wal SET synced_to_postgres = ?, sync_error = ? WHERE task_id = ?"
+    async def mark_sync_rejected(self, task_id: str, error: str, completed_at: float | None = None) -> None:
+        sql = ("UPDATE task_wal SET synced_to_postgres = ?, sync_error = ? WHERE task_id = ? "
+               "AND (? IS NULL OR completed_at IS ?)")
         async with self._writing():
-            await self._db.execute(sql, (SYNC_REJECTED, error, task_id))
+            await self._db.execute(sql, (SYNC_REJECTED, error, task_id, completed_at, completed_at))
 
     async def mark_dead_lettered(self, task_id: str) -> None:
         async with self._writing():

@@ -81,3 +81,4 @@ def setup(level: str = "INFO", fmt: str = "auto", secrets: Iterable[str] = ()) -
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # the broker supervisor logs connection loss and recovery in one line each
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)  # the sink logs outages once

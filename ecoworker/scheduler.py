@@ -62,6 +62,7 @@ class Scheduler:
         try:
             await self._claim_loop()
         finally:
+            self._stopping = True  # so the finisher returns even when we are cancelled
             self._outcome_ready.set()
             await finisher
 
@@ -88,7 +89,12 @@ class Scheduler:
             free = limit - len(self._running)
             claimed: list[ClaimedTask] = []
             if free > 0:
-                claimed = await self.journal.claim(time.time(), min(free, MAX_CLAIM), self._saturated())
+                try:
+                    claimed = await self.journal.claim(time.time(), min(free, MAX_CLAIM), self._saturated())
+                except Exception as exc:  # e.g. disk full: keep the loop alive, try again
+                    log.error("could not claim due tasks: %s; retrying in 1s", exc)
+                    await asyncio.sleep(1)
+                    continue
                 for row in claimed:
                     self._start(row)
             if claimed and len(claimed) == min(free, MAX_CLAIM):

@@ -51,6 +51,7 @@ class SinkSettings:
     max_delay: float = 1.0
     pool_size: int = 2
     backoff_max: float = 30.0
+    command_timeout: float = 15.0  # a statement PostgreSQL does not answer in time counts as an outage
     auto_migrate: bool = False
 
     def __repr__(self) -> str:
@@ -147,6 +148,7 @@ class Settings:
             "max_delay": e.number("ECOWORKER_SYNC_MAX_DELAY"),
             "pool_size": e.integer("ECOWORKER_SYNC_POOL_SIZE"),
             "backoff_max": e.number("ECOWORKER_SYNC_BACKOFF_MAX"),
+            "command_timeout": e.number("ECOWORKER_SYNC_COMMAND_TIMEOUT"),
         }
         maint: dict[str, Any] = {
             "checkpoint_interval": e.number("ECOWORKER_CHECKPOINT_INTERVAL"),

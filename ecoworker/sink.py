@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,7 @@ log = logging.getLogger("ecoworker.sink")
 
 STAGING_COLUMNS = ("task_id", "task_name", "queue", "worker_name", "status", "args", "kwargs",
                    "result", "error", "attempts", "created_at", "started_at", "completed_at")
+COMPLETED_AT = STAGING_COLUMNS.index("completed_at")
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS ecoworker_staging (
     task_id text, task_name text, queue text, worker_name text, status text, args text, kwargs text,
@@ -39,10 +41,10 @@ CREATE TEMP TABLE IF NOT EXISTS ecoworker_staging (
 UPSERT = """
 INSERT INTO task_results AS t (task_id, task_name, queue, worker_name, status, args, kwargs, result,
     error, attempts, created_at, started_at, completed_at, synced_at)
-SELECT DISTINCT ON (task_id) task_id, task_name, queue, worker_name, status, args::jsonb, kwargs::jsonb,
+SELECT task_id, task_name, queue, worker_name, status, args::jsonb, kwargs::jsonb,
     result::jsonb, error, attempts, to_timestamp(created_at), to_timestamp(started_at),
     to_timestamp(completed_at), now()
-FROM ecoworker_staging ORDER BY task_id, completed_at DESC
+FROM ecoworker_staging
 ON CONFLICT (task_id) DO UPDATE SET task_name = EXCLUDED.task_name, queue = EXCLUDED.queue,
     worker_name = EXCLUDED.worker_name, status = EXCLUDED.status, args = EXCLUDED.args,
     kwargs = EXCLUDED.kwargs, result = EXCLUDED.result, error = EXCLUDED.error,
@@ -92,6 +94,10 @@ class Sink:
                 except ConfigError as exc:
                     self._down(exc)
                     await self._sleep(self.settings.backoff_max)
+                    continue
+                except sqlite3.Error as exc:  # the journal (e.g. disk full): re-shipping later is harmless
+                    log.error("could not read or mark the journal while syncing: %s; retrying", exc)
+                    await self._sleep(self._backoff())
                     continue
                 self._back_up()
                 if shipped < self.settings.batch_size:
@@ -146,27 +152,33 @@ class Sink:
                 await conn.copy_records_to_table("ecoworker_staging", records=records,
                                                  columns=STAGING_COLUMNS)
                 await conn.execute(UPSERT)
+        except asyncpg.exceptions.DataError as exc:  # the driver refused a value: that row's fault
+            return await self._refused(pool, records, exc)
         except UNAVAILABLE:
             raise
-        except asyncpg.PostgresError as exc:
-            if len(records) == 1:
-                task_id = records[0][0]
-                message = f"{type(exc).__name__}: {exc}"[:2000]
-                log.error("PostgreSQL refused task %s: %s; kept in the journal", task_id, message)
-                await self.journal.mark_sync_rejected(task_id, message)
-                metrics.SYNC_REJECTED.inc()
-                return 1
-            half = len(records) // 2  # isolate the bad row(s), ship the rest
-            return await self._ship(pool, records[:half]) + await self._ship(pool, records[half:])
-        await self.journal.mark_synced([r[0] for r in records])
+        except (asyncpg.PostgresError, TypeError, ValueError, OverflowError) as exc:
+            return await self._refused(pool, records, exc)
+        await self.journal.mark_synced([r[0] for r in records], [r[COMPLETED_AT] for r in records])
         metrics.SYNC_ROWS.inc(len(records))
         return len(records)
+
+    async def _refused(self, pool: asyncpg.Pool, records: Sequence[tuple[Any, ...]], exc: BaseException) -> int:
+        """Some row in `records` was refused: bisect until it is alone, keep it with its error."""
+        if len(records) == 1:
+            task_id = records[0][0]
+            message = f"{type(exc).__name__}: {exc}"[:2000]
+            log.error("PostgreSQL refused task %s: %s; kept in the journal", task_id, message)
+            await self.journal.mark_sync_rejected(task_id, message, records[0][COMPLETED_AT])
+            metrics.SYNC_REJECTED.inc()
+            return 1
+        half = len(records) // 2  # isolate the bad row(s), ship the rest
+        return await self._ship(pool, records[:half]) + await self._ship(pool, records[half:])
 
     async def _ensure_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             pool = await asyncpg.create_pool(
-                self.settings.dsn, min_size=1, max_size=self.settings.pool_size,
-                init=_init_connection, timeout=10, command_timeout=60,
+                self.settings.dsn, min_size=0, max_size=self.settings.pool_size,
+                init=_init_connection, timeout=10, command_timeout=self.settings.command_timeout,
             )
             try:
                 async with pool.acquire() as conn:

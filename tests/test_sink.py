@@ -1,0 +1,606 @@
+"""The PostgreSQL sink (ecoworker.sink): in-process against a real server, and end to end with workers.
+
+In-process tests pair a journal under tmp_path with a Sink on a freshly created
+and migrated database. End-to-end tests run real `ecoworker` processes; the
+outage test stops and starts the *private* stack's PostgreSQL, never the shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiosqlite
+import asyncpg
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from ecoworker import pgschema
+from ecoworker.errors import ConfigError
+from ecoworker.journal import Journal, NewTask, Outcome
+from ecoworker.schema import SYNC_DONE, SYNC_REJECTED, SYNC_WAITING
+from ecoworker.settings import SinkSettings
+from ecoworker.sink import UNAVAILABLE, Sink
+from tests.conftest import run_services
+from tests.workers import REPO, env_for_worker, free_port, journal_rows, statuses, wait_for
+
+T0 = 1_700_000_000.0  # a fixed epoch second for created/started/completed timestamps
+
+
+# ------------------------------------------------------------------ PostgreSQL helpers
+
+@asynccontextmanager
+async def fresh_database(admin_dsn: str, migrated: bool = True) -> AsyncIterator[str]:
+    """CREATE DATABASE test_<uuid> (migrated to LATEST unless told not to); yield its DSN; drop it after."""
+    name = f"test_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            dsn = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
+            if migrated:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    await pgschema.migrate(conn)
+                finally:
+                    await conn.close()
+            yield dsn
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def dsn(stack_env: dict[str, str]) -> AsyncIterator[str]:
+    """A new database on the shared PostgreSQL, migrated to pgschema.LATEST."""
+    async with fresh_database(stack_env["POSTGRES_DSN"]) as url:
+        yield url
+
+
+@pytest.fixture
+async def pg(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test's database, for reading what the sink wrote."""
+    conn = await asyncpg.connect(dsn)
+    yield conn
+    await conn.close()
+
+
+async def pg_rows(conn: asyncpg.Connection) -> dict[str, dict[str, Any]]:
+    return {r["task_id"]: dict(r) for r in await conn.fetch("SELECT * FROM task_results")}
+
+
+async def pg_count(dsn: str) -> int:
+    """Rows in task_results (-1 while PostgreSQL does not answer)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return -1
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM task_results"))
+    finally:
+        await conn.close()
+
+
+async def pg_count_at_least(dsn: str, n: int) -> bool:
+    return await pg_count(dsn) >= n
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def at(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def db_migrate(env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ecoworker.cli", "db", "migrate"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------ journal helpers
+
+@pytest.fixture
+async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
+    """A fresh journal file, closed after the test."""
+    async with Journal.open(tmp_path / "journal.db") as j:
+        yield j
+
+
+@pytest.fixture
+async def sink(journal: Journal, dsn: str) -> AsyncIterator[Sink]:
+    """A Sink from the test's journal to the test's database."""
+    s = Sink(SinkSettings(dsn=dsn), journal)
+    yield s
+    await s.close()
+
+
+def new_task(task_id: str, **overrides: Any) -> NewTask:
+    """A due PENDING row, as the consumer ingests a delivery."""
+    values: dict[str, Any] = {
+        "task_name": "demo.task", "worker_name": "pod-a", "queue": "storage",
+        "args": '["a", 1]', "kwargs": '{"k": "v"}', "created_at": T0, "not_before": 1.0,
+    }
+    values.update(overrides)
+    return NewTask(task_id, **values)
+
+
+def done_task(task_id: str, completed_at: float = T0 + 2, **overrides: Any) -> NewTask:
+    """A terminal SUCCESS row written by ingest directly (fast; what the bench does too)."""
+    values: dict[str, Any] = {"status": "SUCCESS", "completed_at": completed_at, "attempts": 1}
+    values.update(overrides)
+    return new_task(task_id, **values)
+
+
+async def run_tasks(journal: Journal, outcomes: Sequence[Outcome]) -> None:
+    """Claim every due row (RUNNING, attempts+1) and apply `outcomes`, as the scheduler does."""
+    await journal.claim(T0 + 1, len(outcomes) + 10)
+    await journal.finish(outcomes)
+
+
+async def ingest_and_run(journal: Journal, outcomes: Sequence[Outcome]) -> None:
+    """Ingest a due row for each outcome (500 per commit), then run them all to those outcomes."""
+    for i in range(0, len(outcomes), 500):
+        await journal.ingest([new_task(o.task_id) for o in outcomes[i:i + 500]])
+    await run_tasks(journal, outcomes)
+
+
+def set_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> None:
+    """Change journal rows from a separate plain sqlite3 connection (another process's view)."""
+    con = sqlite3.connect(path, timeout=10)
+    try:
+        con.execute(sql, params)
+        con.commit()
+    finally:
+        con.close()
+
+
+def sync_states(path: Path) -> dict[str, tuple[int, str | None]]:
+    return {r["task_id"]: (r["synced_to_postgres"], r["sync_error"])
+            for r in journal_rows(path, "SELECT task_id, synced_to_postgres, sync_error FROM task_wal")}
+
+
+# ================================================================== in-process
+
+class TestShip:
+    async def test_finished_rows_ship_with_every_field(self, journal: Journal, sink: Sink,
+                                                       pg: asyncpg.Connection) -> None:
+        """SUCCESS and FAILURE rows ship with status, args, kwargs, result, error, attempts and timestamps."""
+        await journal.ingest([new_task("ok"), new_task("bad", task_name="other.task", queue=None),
+                              new_task("waiting", not_before=T0 * 2)])
+        await run_tasks(journal, [Outcome("ok", "SUCCESS", result='{"n": 1, "s": "é"}', completed_at=T0 + 2.5),
+                                  Outcome("bad", "FAILURE", error="ValueError: nope", completed_at=T0 + 3.25)])
+        assert await sink.sync_all() == 2
+        rows = await pg_rows(pg)
+        assert set(rows) == {"ok", "bad"}  # a PENDING row is not shipped
+        ok, bad = rows["ok"], rows["bad"]
+        assert (ok["task_name"], ok["queue"], ok["worker_name"], ok["status"], ok["attempts"]) == (
+            "demo.task", "storage", "pod-a", "SUCCESS", 1)
+        assert orjson.loads(ok["args"]) == ["a", 1] and orjson.loads(ok["kwargs"]) == {"k": "v"}
+        assert orjson.loads(ok["result"]) == {"n": 1, "s": "é"} and ok["error"] is None
+        assert (ok["created_at"], ok["started_at"], ok["completed_at"]) == (at(T0), at(T0 + 1), at(T0 + 2.5))
+        assert abs((ok["synced_at"] - datetime.now(UTC)).total_seconds()) < 60
+        assert (bad["task_name"], bad["queue"], bad["status"], bad["result"], bad["error"]) == (
+            "other.task", None, "FAILURE", None, "ValueError: nope")
+        assert bad["completed_at"] == at(T0 + 3.25)
+        states = sync_states(journal.path)
+        assert states["ok"] == states["bad"] == (SYNC_DONE, None) and states["waiting"][0] == SYNC_WAITING
+
+    async def test_dead_and_expired_rows_ship(self, journal: Journal, sink: Sink, pg: asyncpg.Connection) -> None:
+        """DEAD and EXPIRED rows are terminal too: they ship with their error and no result."""
+        await journal.ingest([done_task("d", status="DEAD", error="unknown task 'x'", attempts=0),
+                              done_task("e", status="EXPIRED", error="expired before it could run")])
+        assert await sink.sync_all() == 2
+        rows = await pg_rows(pg)
+        assert (rows["d"]["status"], rows["d"]["error"], rows["d"]["attempts"]) == ("DEAD", "unknown task 'x'", 0)
+        assert rows["e"]["status"] == "EXPIRED" and rows["e"]["result"] is None
+
+    async def test_seed_api_rows_ship(self, journal: Journal, sink: Sink, pg: asyncpg.Connection) -> None:
+        """Rows written through the seed's API (write/start/complete/fail_task) ship like any other."""
+        await journal.write_task("s1", "chat_with_llm", "celery@a", args=[1], kwargs={"p": "hi"})
+        await journal.write_task("s2", "chat_with_llm", "celery@a")
+        await journal.start_task("s1")
+        await journal.complete_task("s1", {"text": "hello"})
+        await journal.fail_task("s2", "boom", retry_count=2)
+        assert await sink.sync_all() == 2
+        rows = await pg_rows(pg)
+        assert orjson.loads(rows["s1"]["result"]) == {"text": "hello"} and rows["s1"]["attempts"] == 1
+        assert orjson.loads(rows["s1"]["args"]) == [1] and orjson.loads(rows["s1"]["kwargs"]) == {"p": "hi"}
+        assert rows["s1"]["started_at"] <= rows["s1"]["completed_at"]
+        assert (rows["s2"]["status"], rows["s2"]["error"], rows["s2"]["started_at"]) == ("FAILURE", "boom", None)
+
+    async def test_sync_all_ships_every_batch_and_returns_the_count(self, journal: Journal, dsn: str,
+                                                                   pg: asyncpg.Connection) -> None:
+        """sync_all drains more than one batch and returns how many rows it shipped; then there is nothing left."""
+        await journal.ingest([done_task(f"t{i}", completed_at=T0 + i) for i in range(250)])
+        sink = Sink(SinkSettings(dsn=dsn, batch_size=100), journal)
+        try:
+            rows_before = counter("ecoworker_sync_rows_total")
+            assert await sink.sync_once() == 100
+            assert await sink.sync_all() == 150
+            assert await sink.sync_all() == 0
+        finally:
+            await sink.close()
+        assert counter("ecoworker_sync_rows_total") - rows_before == 250
+        assert await pg.fetchval("SELECT count(*) FROM task_results") == 250
+        assert (await journal.counts())["unsynced"] == 0
+
+    async def test_empty_journal_does_not_contact_postgresql(self, journal: Journal) -> None:
+        """With nothing to ship, sync_once returns 0 without connecting (even to a closed port)."""
+        sink = Sink(SinkSettings(dsn=f"postgresql://u@127.0.0.1:{free_port()}/db"), journal)
+        assert await sink.sync_once() == 0
+        await sink.close()
+
+
+class TestExactlyOnce:
+    async def test_shipping_twice_leaves_one_row(self, journal: Journal, sink: Sink, pg: asyncpg.Connection) -> None:
+        """Rows shipped again (marked unsynced after PostgreSQL committed) are upserted: one row per id."""
+        await journal.ingest([done_task(f"t{i}", completed_at=T0 + i) for i in range(300)])
+        assert await sink.sync_all() == 300
+        first = await pg.fetchval("SELECT max(synced_at) FROM task_results")
+        set_rows(journal.path, "UPDATE task_wal SET synced_to_postgres = 0")
+        assert await sink.sync_all() == 300
+        assert tuple(await pg.fetchrow("SELECT count(*), count(DISTINCT task_id) FROM task_results")) == (300, 300)
+        assert await pg.fetchval("SELECT min(synced_at) FROM task_results") > first  # really shipped again
+
+    async def test_newer_completion_wins(self, journal: Journal, sink: Sink, pg: asyncpg.Connection) -> None:
+        """A task retried after it was shipped (retry-failed) replaces its row with the newer outcome."""
+        await journal.ingest([new_task("t")])
+        await run_tasks(journal, [Outcome("t", "FAILURE", error="ConnectionError: down", completed_at=T0 + 2)])
+        await sink.sync_all()
+        assert await journal.requeue(["FAILURE"]) == 1
+        await journal.claim(time.time() + 1, 10)
+        await journal.finish([Outcome("t", "SUCCESS", result='"second"', completed_at=T0 + 100)])
+        assert await sink.sync_all() == 1
+        row = (await pg_rows(pg))["t"]
+        assert (row["status"], orjson.loads(row["result"]), row["error"]) == ("SUCCESS", "second", None)
+        assert (row["completed_at"], row["attempts"]) == (at(T0 + 100), 1)
+
+    async def test_older_completion_never_overwrites(self, tmp_path: Path, dsn: str, pg: asyncpg.Connection) -> None:
+        """Two pods ran the same task (a redelivery); whichever ships last, the later completion is kept."""
+        async with Journal.open(tmp_path / "a.db") as a, Journal.open(tmp_path / "b.db") as b:
+            await a.ingest([done_task("x", completed_at=T0 + 50, worker_name="pod-a", kwargs='{"who": "a"}'),
+                            done_task("y", completed_at=T0 + 10, worker_name="pod-a")])
+            await b.ingest([done_task("x", completed_at=T0 + 20, worker_name="pod-b"),
+                            done_task("y", completed_at=T0 + 60, worker_name="pod-b")])
+            for j in (a, b):  # a ships first: x stays a's (newer), y becomes b's (newer)
+                sink = Sink(SinkSettings(dsn=dsn), j)
+                try:
+                    assert await sink.sync_all() == 2
+                finally:
+                    await sink.close()
+        rows = await pg_rows(pg)
+        assert (rows["x"]["worker_name"], rows["x"]["completed_at"]) == ("pod-a", at(T0 + 50))
+        assert orjson.loads(rows["x"]["kwargs"]) == {"who": "a"}
+        assert (rows["y"]["worker_name"], rows["y"]["completed_at"]) == ("pod-b", at(T0 + 60))
+
+    async def test_row_changed_while_shipping_is_shipped_again(self, tmp_path: Path, dsn: str,
+                                                               pg: asyncpg.Connection) -> None:
+        """A row requeued (`wal retry-failed`) while its old outcome ships stays unsynced; its next outcome ships."""
+        async with RetryFailedWhileShipping.open(tmp_path / "j.db") as j:
+            await j.ingest([new_task("t")])
+            await run_tasks(j, [Outcome("t", "FAILURE", error="ConnectionError: down", completed_at=T0 + 2)])
+            sink = Sink(SinkSettings(dsn=dsn), j)
+            try:
+                await sink.sync_once()  # ships FAILURE; retry-failed runs between the read and the mark
+                assert (await j.get_task("t") or {})["status"] == "PENDING"
+                await j.claim(time.time() + 1, 10)
+                await j.finish([Outcome("t", "SUCCESS", result='"retried"', completed_at=T0 + 100)])
+                await sink.sync_all()
+            finally:
+                await sink.close()
+        row = (await pg_rows(pg))["t"]
+        assert row["status"] == "SUCCESS", (
+            "the retried task's SUCCESS never reached PostgreSQL: mark_synced marked the requeued row "
+            "synced although PostgreSQL only has the outcome read before the requeue")
+
+
+class RetryFailedWhileShipping(Journal):
+    """A journal on which `ecoworker wal retry-failed` runs once, right after the sink read its batch."""
+
+    fired = False
+
+    async def unsynced(self, limit: int) -> list[aiosqlite.Row]:
+        rows = await super().unsynced(limit)
+        if rows and not self.fired:
+            self.fired = True
+            await self.requeue(["FAILURE"])
+        return rows
+
+
+# realistic outcomes PostgreSQL refuses: NUL inside a JSON string (orjson escapes it as \u0000, which
+# jsonb cannot hold), a NUL byte in error text, and what the seed's json.dumps wrote for NaN and for a
+# lone surrogate (e.g. a surrogate-escaped file name)
+POISON: dict[str, dict[str, Any]] = {
+    "nul_in_result": {"result": orjson.dumps({"text": "ocr\x00garbage"}).decode()},
+    "nul_in_error": {"status": "FAILURE", "error": "OSError: bad path 'a\x00b'"},
+    "nan_result": {"result": json.dumps({"score": float("nan")})},
+    "lone_surrogate": {"result": json.dumps({"file": "photo-\udce9.jpg"})},
+}
+
+
+def outcome(task_id: str, completed_at: float, poison: str | None = None) -> Outcome:
+    """A SUCCESS outcome, or the poison outcome of that kind."""
+    values: dict[str, Any] = {"status": "SUCCESS", "result": '{"ok": true}', "completed_at": completed_at}
+    values.update(POISON[poison] if poison else {})
+    return Outcome(task_id, **values)
+
+
+class TestPoisonRows:
+    @pytest.mark.parametrize("kind", sorted(POISON))
+    async def test_each_kind_is_rejected_and_kept(self, kind: str, journal: Journal, sink: Sink,
+                                                  pg: asyncpg.Connection) -> None:
+        """A row PostgreSQL refuses ends synced_to_postgres = -1 with PostgreSQL's error; its neighbours ship."""
+        await ingest_and_run(journal, [outcome("before", T0), outcome("poison", T0 + 1, kind),
+                                       outcome("after", T0 + 2)])
+        assert await sink.sync_all() == 3
+        assert set(await pg_rows(pg)) == {"before", "after"}
+        state, error = sync_states(journal.path)["poison"]
+        assert state == SYNC_REJECTED
+        assert error and "Error" in error
+
+    async def test_poison_rows_are_isolated_in_a_2000_row_batch(self, journal: Journal, sink: Sink,
+                                                                pg: asyncpg.Connection) -> None:
+        """Poison rows in a 2,000-row batch are isolated, kept at -1 with their error and counted; the rest ship."""
+        poison_at = {7: "nul_in_result", 777: "nul_in_error", 1500: "nan_result", 1999: "lone_surrogate"}
+        await ingest_and_run(journal, [outcome(f"t{i:04}", T0 + i, poison_at.get(i)) for i in range(2000)])
+        rejected_before = counter("ecoworker_sync_rejected_rows_total")
+        shipped_before = counter("ecoworker_sync_rows_total")
+        assert await sink.sync_all() == 2000
+        assert counter("ecoworker_sync_rejected_rows_total") - rejected_before == 4
+        assert counter("ecoworker_sync_rows_total") - shipped_before == 1996
+        in_pg = set(await pg_rows(pg))
+        poison_ids = {f"t{i:04}" for i in poison_at}
+        assert len(in_pg) == 1996 and not in_pg & poison_ids
+        states = sync_states(journal.path)
+        assert {i for i, (s, _) in states.items() if s == SYNC_REJECTED} == poison_ids
+        assert "UntranslatableCharacterError" in (states["t0007"][1] or "")
+        assert "CharacterNotInRepertoireError" in (states["t0777"][1] or "")
+        assert "NaN" in (states["t1500"][1] or "")
+        assert "surrogate" in (states["t1999"][1] or "")
+        assert all(s == SYNC_DONE for i, (s, _) in states.items() if i not in poison_ids)
+        assert await sink.sync_all() == 0  # rejected rows are kept, not retried forever
+        assert (await journal.counts())["unsynced"] == 0
+
+
+class TestUnavailable:
+    async def test_closed_port_raises_unavailable_and_rows_stay(self, journal: Journal) -> None:
+        """With PostgreSQL unreachable, sync_once raises an UNAVAILABLE error and every row stays unsynced."""
+        await journal.ingest([done_task(f"t{i}") for i in range(5)])
+        sink = Sink(SinkSettings(dsn=f"postgresql://u@127.0.0.1:{free_port()}/db"), journal)
+        try:
+            with pytest.raises(UNAVAILABLE):
+                await sink.sync_once()
+            with pytest.raises(UNAVAILABLE):
+                await sink.sync_all()
+        finally:
+            await sink.close()
+        assert {s for s, _ in sync_states(journal.path).values()} == {SYNC_WAITING}
+        assert (await journal.counts())["unsynced"] == 5
+
+    async def test_unmigrated_database_is_a_config_error(self, journal: Journal, stack_env: dict[str, str]) -> None:
+        """An un-migrated database is a ConfigError naming `ecoworker db migrate`; auto_migrate migrates and ships."""
+        await journal.ingest([done_task("t")])
+        async with fresh_database(stack_env["POSTGRES_DSN"], migrated=False) as url:
+            sink = Sink(SinkSettings(dsn=url), journal)
+            try:
+                with pytest.raises(ConfigError, match="run `ecoworker db migrate`"):
+                    await sink.sync_once()
+            finally:
+                await sink.close()
+            assert (await journal.counts())["unsynced"] == 1
+            sink = Sink(SinkSettings(dsn=url, auto_migrate=True), journal)
+            try:
+                assert await sink.sync_all() == 1
+            finally:
+                await sink.close()
+            assert await pg_count(url) == 1
+
+
+class TestLoop:
+    async def test_run_ships_within_max_delay_and_urgent_wakes_it(self, journal: Journal, dsn: str) -> None:
+        """The loop ships ordinary rows only after max_delay, but notify(urgent=True) ships at once."""
+        sink = Sink(SinkSettings(dsn=dsn, max_delay=30), journal)
+        task = asyncio.create_task(sink.run())
+        try:
+            await asyncio.sleep(0.5)  # the first (empty) pass is done; the loop sleeps max_delay
+            await journal.ingest([done_task("plain")])
+            sink.notify(1, urgent=False)
+            await asyncio.sleep(1)
+            assert await pg_count(dsn) == 0
+            await journal.ingest([done_task("urgent")])
+            sink.notify(1, urgent=True)
+            await wait_for(lambda: pg_count_at_least(dsn, 2), 3)
+            assert sink.up is True
+        finally:
+            await sink.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def test_stop_flushes_what_is_left(self, journal: Journal, dsn: str) -> None:
+        """stop() ships the unsynced rows before returning, even while the loop waits out max_delay."""
+        sink = Sink(SinkSettings(dsn=dsn, max_delay=30), journal)
+        task = asyncio.create_task(sink.run())
+        await asyncio.sleep(0.3)
+        await journal.ingest([done_task(f"t{i}") for i in range(20)])
+        await sink.stop(flush_timeout=10)
+        await asyncio.wait_for(task, 5)
+        assert await pg_count(dsn) == 20
+        assert (await journal.counts())["unsynced"] == 0
+
+
+# ================================================================== end to end
+
+def journal_count(wal: Path, where: str) -> int:
+    rows = journal_rows(wal, f"SELECT count(*) FROM task_wal WHERE {where}")
+    return int(rows[0][0]) if rows else 0  # 0 while the worker is still creating the file
+
+
+def success_count(wal: Path) -> int:
+    return journal_count(wal, "status = 'SUCCESS'")
+
+
+def unsynced_count(wal: Path) -> int:
+    return journal_count(wal, "synced_to_postgres = 0")
+
+
+async def assert_all_shipped_once(dsn: str, ids: Sequence[str], kwargs: Sequence[dict[str, Any]]) -> None:
+    """task_results holds every id exactly once, SUCCESS, with its kwargs echoed as the result."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        total, distinct = await conn.fetchrow("SELECT count(*), count(DISTINCT task_id) FROM task_results "
+                                              "WHERE task_id = ANY($1::text[])", list(ids))
+        assert total == distinct == len(ids)
+        rows = await conn.fetch("SELECT task_id, status, result FROM task_results WHERE task_id = ANY($1::text[])",
+                                list(ids))
+    finally:
+        await conn.close()
+    assert {r["status"] for r in rows} == {"SUCCESS"}
+    expected = dict(zip(ids, kwargs, strict=True))
+    assert all(orjson.loads(r["result"]) == expected[r["task_id"]] for r in rows)
+
+
+class TestOutage:
+    @pytest.mark.slow
+    async def test_postgresql_outage_delays_shipping_only(self, amqp: Any, queue_name: str, workers: Any,
+                                                          stack_env: dict[str, str],
+                                                          private_stack: tuple[dict[str, str], dict[str, str]]
+                                                          ) -> None:
+        """PostgreSQL down mid-run: tasks still complete, /readyz stays 200; after, all ship once, two log lines."""
+        services_env, values = private_stack
+        dsn = values["POSTGRES_DSN"]
+        db_migrate(env_for_worker(stack_env, POSTGRES_DSN=dsn))
+        kwargs = [{"n": i} for i in range(5000)]
+        ids = await amqp.publish_tasks(queue_name, "ecoworker.noop", kwargs[:1500])
+        w = workers(queue_name, POSTGRES_DSN=dsn, ECOWORKER_SYNC_MAX_DELAY="0.5", ECOWORKER_SYNC_BACKOFF_MAX="2")
+        await wait_for(lambda: pg_count_at_least(dsn, 1000), 60, message=w.log_text)
+        await asyncio.to_thread(run_services, "stop-pg", env=services_env, timeout=120)
+        try:
+            assert await pg_count(dsn) == -1, "stop-pg left the private PostgreSQL answering"
+            # the outage: 3,500 more tasks arrive in waves over ~8 s and complete into the journal
+            done, ready = [success_count(w.wal)], []
+            for wave in range(7):
+                start = 1500 + wave * 500
+                ids += await amqp.publish_tasks(queue_name, "ecoworker.noop", kwargs[start:start + 500])
+                await asyncio.sleep(1.1)
+                done.append(success_count(w.wal))
+                ready.append(w.http("/readyz")[0])
+            tail = w.log_text()[-3000:]
+            assert ready == [200] * 7, (ready, tail)
+            assert all(b > a for a, b in itertools.pairwise(done)), (done, tail)
+            assert unsynced_count(w.wal) >= done[-1] - 1500, tail  # none of them shipped
+            await wait_for(lambda: "PostgreSQL unavailable" in w.log_text(), 10, message=w.log_text)
+            assert w.alive
+        finally:
+            await asyncio.to_thread(run_services, "start-pg", env=services_env, timeout=120)
+        await wait_for(lambda: pg_count_at_least(dsn, 5000), 90, message=lambda: w.log_text()[-3000:])
+        await wait_for(lambda: unsynced_count(w.wal) == 0, 20)
+        await assert_all_shipped_once(dsn, ids, kwargs)
+        assert await pg_count(dsn) == 5000
+        text = w.log_text()
+        assert text.count("PostgreSQL unavailable") == 1, text[-3000:]
+        assert text.count("PostgreSQL is back") == 1, text[-3000:]
+        assert w.alive and w.starts == 1
+
+
+class TestKill:
+    @pytest.mark.slow
+    async def test_kill_minus_nine_while_syncing_ships_each_row_once(self, amqp: Any, queue_name: str,
+                                                                      dsn: str, workers: Any) -> None:
+        """kill -9 five times while shipping 5,000 results in small batches: each id ends in PostgreSQL once."""
+        kwargs = [{"n": i} for i in range(5000)]
+        ids = await amqp.publish_tasks(queue_name, "ecoworker.noop", kwargs)
+        # run every task first with no PostgreSQL configured, so that the kills land in shipping only
+        # (killing while tasks run would, after 4 kills, rightly bury an in-flight task as crash-looping)
+        w = workers(queue_name, name="w", POSTGRES_DSN="")
+        await wait_for(lambda: success_count(w.wal) == 5000, 120, message=w.log_text)
+        assert await asyncio.to_thread(w.terminate, 60) == 0
+        assert unsynced_count(w.wal) == 5000
+        w = workers(queue_name, name="w", POSTGRES_DSN=dsn, ECOWORKER_SYNC_BATCH_SIZE="50")
+        rng = random.Random(11)
+        kills = mid_sync = 0
+        conn = await asyncpg.connect(dsn)
+        try:
+            count = functools.partial(conn.fetchval, "SELECT count(*) FROM task_results")
+            while kills < 5 and (before := await count()) < 5000:
+                # wait until this run ships, then kill it at a random moment of its shipping
+                await wait_for(functools.partial(_more_than, count, before), 60, interval=0.01, message=w.log_text)
+                await asyncio.sleep(rng.uniform(0.0, 0.05))
+                w.kill()
+                kills += 1
+                shipped = await count()
+                mid_sync += shipped < 5000
+                marked = journal_count(w.wal, "synced_to_postgres = 1")
+                print(f"kill {kills}: {shipped} row(s) in PostgreSQL, {marked} marked synced in the journal")
+                w.start()
+            await wait_for(lambda: _more_than(count, 4999), 60, message=w.log_text)
+        finally:
+            await conn.close()
+        await wait_for(lambda: unsynced_count(w.wal) == 0, 30)
+        assert mid_sync >= 5, f"only {mid_sync} kill(s) landed before everything was shipped"
+        st = statuses(w.wal)
+        assert len(st) == 5000 and set(st.values()) == {"SUCCESS"}
+        await assert_all_shipped_once(dsn, ids, kwargs)
+        assert await pg_count(dsn) == 5000
+
+
+async def _more_than(count: Any, n: int) -> bool:
+    return int(await count()) > n
+
+
+class TestUrgent:
+    async def test_urgent_result_ships_at_once_ordinary_waits(self, amqp: Any, queue_name: str, dsn: str,
+                                                              workers: Any) -> None:
+        """With a 30 s max delay an urgent result ships within ~3 s; a noop finished just after it still waits."""
+        await amqp.declare(queue_name)
+        w = workers(queue_name, POSTGRES_DSN=dsn, ECOWORKER_SYNC_MAX_DELAY="30")
+        w.wait_ready()
+        await asyncio.sleep(0.5)  # the sink's first (empty) pass is over; it now sleeps up to 30 s
+        [urgent] = await amqp.publish_tasks(queue_name, "ecoworker.urgent", [{"tier": "realtime"}])
+        await wait_for(lambda: statuses(w.wal).get(urgent) == "SUCCESS", 10, interval=0.05)
+        finished = time.monotonic()
+        await wait_for(lambda: pg_count_at_least(dsn, 1), 3, interval=0.05, message=w.log_text)
+        assert time.monotonic() - finished < 3
+        [plain] = await amqp.publish_tasks(queue_name, "ecoworker.noop", [{"tier": "batch"}])
+        await wait_for(lambda: statuses(w.wal).get(plain) == "SUCCESS", 10, interval=0.05)
+        await asyncio.sleep(3)
+        conn = await asyncpg.connect(dsn)
+        try:
+            shipped = {r[0]: orjson.loads(r[1]) for r in await conn.fetch("SELECT task_id, result FROM task_results")}
+        finally:
+            await conn.close()
+        assert shipped == {urgent: {"tier": "realtime"}}
+        assert journal_rows(w.wal, "SELECT synced_to_postgres FROM task_wal WHERE task_id = ?", (plain,))[0][0] == 0
+
+
+class TestWalSyncCommand:
+    async def test_wal_sync_ships_unsynced_rows(self, tmp_path: Path, dsn: str, pg: asyncpg.Connection) -> None:
+        """`ecoworker wal sync --db PATH` ships every unsynced row and prints "shipped N row(s)"."""
+        path = tmp_path / "offline.db"
+        async with Journal.open(path) as j:
+            await j.ingest([done_task(f"t{i}", completed_at=T0 + i) for i in range(123)] + [new_task("pending")])
+        env = env_for_worker({}, POSTGRES_DSN=dsn, ECOWORKER_SYNC_BATCH_SIZE="50")
+        proc = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "ecoworker.cli", "wal", "sync", "--db", str(path)],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "shipped 123 row(s)" in proc.stdout
+        assert await pg.fetchval("SELECT count(*) FROM task_results") == 123
+        assert unsynced_count(path) == 1  # only the PENDING row, which is not terminal
