@@ -1,0 +1,313 @@
+"""Sink drain rate: the real Sink (staging COPY + upsert) against one INSERT … ON CONFLICT per row.
+
+    python -m bench.bench_sink [--rows 100000] [--baseline-rows 5000] [--repeat 3] [--json PATH]
+
+A journal holding `--rows` terminal, unsynced rows is built once in a scratch
+directory under the repo (`.bench-tmp/`, removed afterwards) and copied for
+every trial, so each trial starts from the same file. Each trial drains into a
+freshly created, migrated PostgreSQL database (dropped after) on the server of
+$POSTGRES_DSN, or of the local stack's env file (/tmp/ecoworker-stack/env).
+
+(a) `Sink.sync_all()` with the default 5,000-row batches, timed end to end:
+    journal read, COPY into the staging table, upsert, mark synced in the
+    journal, plus opening its connection pool. Median of `--repeat` runs.
+(b) the baseline a row-at-a-time shipper pays: the same journal read, then one
+    autocommitted `INSERT … ON CONFLICT` per row with asyncpg `execute`, then
+    one mark-synced transaction — on `--baseline-rows` rows to keep it short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sqlite3
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from ecoworker import pgschema
+from ecoworker.journal import Journal, NewTask
+from ecoworker.settings import SinkSettings
+from ecoworker.sink import Sink
+
+REPO = Path(__file__).resolve().parents[1]
+SCRATCH_ROOT = REPO / ".bench-tmp"
+STACK_ENV = Path(os.environ.get("ECOWORKER_STACK_DIR") or "/tmp/ecoworker-stack") / "env"
+INGEST_BATCH = 500
+BASELINE_UPSERT = """
+INSERT INTO task_results AS t (task_id, task_name, queue, worker_name, status, args, kwargs, result, error,
+    attempts, created_at, started_at, completed_at, synced_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8::jsonb, $9, $10, to_timestamp($11), to_timestamp($12),
+    to_timestamp($13), now())
+ON CONFLICT (task_id) DO UPDATE SET task_name = EXCLUDED.task_name, queue = EXCLUDED.queue,
+    worker_name = EXCLUDED.worker_name, status = EXCLUDED.status, args = EXCLUDED.args,
+    kwargs = EXCLUDED.kwargs, result = EXCLUDED.result, error = EXCLUDED.error,
+    attempts = EXCLUDED.attempts, created_at = EXCLUDED.created_at, started_at = EXCLUDED.started_at,
+    completed_at = EXCLUDED.completed_at, synced_at = now()
+WHERE t.completed_at IS NULL OR EXCLUDED.completed_at >= t.completed_at
+"""
+
+
+# ---------------------------------------------------------------- setup
+
+def admin_dsn() -> str:
+    """$POSTGRES_DSN, else the one the local stack wrote to its env file."""
+    if os.environ.get("POSTGRES_DSN"):
+        return os.environ["POSTGRES_DSN"]
+    try:
+        for line in STACK_ENV.read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            if key.strip() == "POSTGRES_DSN":
+                return value.strip()
+    except OSError:
+        pass
+    raise SystemExit(f"no PostgreSQL: set POSTGRES_DSN or start the stack ({STACK_ENV} not found)")
+
+
+@asynccontextmanager
+async def fresh_database(admin: str) -> AsyncIterator[str]:
+    """A new database migrated to pgschema.LATEST; dropped on the way out."""
+    name = f"ecoworker_bench_sink_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        dsn = urlunsplit(urlsplit(admin)._replace(path=f"/{name}"))
+        try:
+            target = await asyncpg.connect(dsn)
+            try:
+                await pgschema.migrate(target)
+            finally:
+                await target.close()
+            yield dsn
+        finally:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def build_journal(path: Path, rows: int) -> None:
+    """`rows` SUCCESS rows shaped like image uploads, unsynced, ingested 500 per commit."""
+    now = time.time()
+    kwargs = orjson.dumps({"bucket": "ecoworker-uploads", "content_type": "image/jpeg", "sizes": [256, 1024]})
+    async with Journal.open(path) as journal:
+        for start in range(0, rows, INGEST_BATCH):
+            await journal.ingest([
+                NewTask(f"bench-{i:08d}", "process_image", "bench-worker", "storage",
+                        orjson.dumps([f"s3://ecoworker-uploads/raw/{i:08d}.jpg"]).decode(), kwargs.decode(),
+                        status="SUCCESS", attempts=1, created_at=now + i * 1e-3, completed_at=now + i * 1e-3 + 0.5)
+                for i in range(start, min(rows, start + INGEST_BATCH))
+            ])
+        await journal.checkpoint("TRUNCATE")  # one self-contained file to copy per trial
+    # ingest cannot write results or start times: fill them in one statement, as a handler's output
+    con = sqlite3.connect(path)
+    try:
+        con.execute("UPDATE task_wal SET started_at = created_at + 0.05, result = json_object("
+                    "'variants', json_array('images/' || task_id || '-256.webp', 'images/' || task_id || "
+                    "'-1024.webp'), 'width', 1024, 'height', 768, 'bytes', 183211)")
+        con.commit()
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+
+
+def copy_journal(template: Path, target: Path) -> Path:
+    shutil.copyfile(template, target)
+    return target
+
+
+def remove_journal(path: Path) -> None:
+    for leftover in path.parent.glob(path.name + "*"):
+        leftover.unlink()
+
+
+# ---------------------------------------------------------------- trials
+
+class TimedJournal(Journal):
+    """The real journal, timing the sink's two calls into it (the rest of a drain is PostgreSQL)."""
+
+    read_s = 0.0
+    mark_s = 0.0
+
+    async def unsynced(self, limit: int) -> Any:
+        start = time.perf_counter()
+        try:
+            return await super().unsynced(limit)
+        finally:
+            self.read_s += time.perf_counter() - start
+
+    async def mark_synced(self, task_ids: Any, *args: Any) -> None:
+        start = time.perf_counter()
+        try:
+            await super().mark_synced(task_ids, *args)
+        finally:
+            self.mark_s += time.perf_counter() - start
+
+
+@dataclass
+class SinkRun:
+    seconds: float
+    read_s: float
+    mark_s: float
+
+    @property
+    def postgres_s(self) -> float:
+        return self.seconds - self.read_s - self.mark_s
+
+
+async def run_sink(admin: str, journal_path: Path, rows: int) -> SinkRun:
+    """Time Sink.sync_all() draining the journal into a fresh database."""
+    async with fresh_database(admin) as dsn, TimedJournal.open(journal_path) as journal:
+        assert isinstance(journal, TimedJournal)
+        sink = Sink(SinkSettings(dsn=dsn), journal)  # default batch_size: 5,000
+        try:
+            start = time.perf_counter()
+            shipped = await sink.sync_all()
+            seconds = time.perf_counter() - start
+        finally:
+            await sink.close()
+        await check_drained(dsn, journal, shipped, rows)
+        run = SinkRun(seconds, journal.read_s, journal.mark_s)
+    remove_journal(journal_path)
+    return run
+
+
+async def run_baseline(admin: str, journal_path: Path, rows: int) -> float:
+    """Seconds to ship `rows` rows with one autocommitted INSERT … ON CONFLICT each."""
+    async with fresh_database(admin) as dsn, Journal.open(journal_path) as journal:
+        conn = await asyncpg.connect(dsn)
+        try:
+            start = time.perf_counter()
+            batch = await journal.unsynced(rows)
+            for r in batch:
+                await conn.execute(BASELINE_UPSERT, *tuple(r))
+            await journal.mark_synced([r["task_id"] for r in batch])
+            seconds = time.perf_counter() - start
+        finally:
+            await conn.close()
+        await check_drained(dsn, journal, len(batch), rows, left=None)
+    remove_journal(journal_path)
+    return seconds
+
+
+async def check_drained(dsn: str, journal: Journal, shipped: int, rows: int, left: int | None = 0) -> None:
+    """Refuse a figure from a run that did not really ship everything it claims."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        in_pg = await conn.fetchval("SELECT count(*) FROM task_results")
+    finally:
+        await conn.close()
+    unsynced = (await journal.counts())["unsynced"]
+    if shipped != rows or in_pg != rows or (left is not None and unsynced != left):
+        raise SystemExit(f"drain check failed: shipped {shipped}, in PostgreSQL {in_pg}, expected {rows}, "
+                         f"{unsynced} left unsynced")
+
+
+async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    admin = admin_dsn()
+    load = os.getloadavg()
+    template = scratch / "template.db"
+    started = time.perf_counter()
+    await build_journal(template, args.rows)
+    print(f"built a journal of {args.rows:,} unsynced rows in {time.perf_counter() - started:.1f} s "
+          f"({template.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+
+    runs = []
+    for repeat in range(args.repeat):
+        run = await run_sink(admin, copy_journal(template, scratch / f"sink-{repeat}.db"), args.rows)
+        runs.append(run)
+        print(f"  sink      run {repeat + 1}: {args.rows / run.seconds:>10,.0f} rows/s ({run.seconds:.2f} s: "
+              f"journal read {run.read_s:.2f}, PostgreSQL {run.postgres_s:.2f}, mark synced {run.mark_s:.2f})",
+              file=sys.stderr)
+    sink_seconds = [r.seconds for r in runs]
+    median_run = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    baseline_rows = min(args.baseline_rows, args.rows)
+    baseline_seconds = await run_baseline(admin, copy_journal(template, scratch / "baseline.db"), baseline_rows)
+    print(f"  per-row   run 1: {baseline_rows / baseline_seconds:>10,.0f} rows/s ({baseline_seconds:.2f} s)",
+          file=sys.stderr)
+
+    sink_rate = args.rows / statistics.median(sink_seconds)
+    baseline_rate = baseline_rows / baseline_seconds
+    return {
+        "benchmark": "sink",
+        "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        "postgres": f"{urlsplit(admin).hostname}:{urlsplit(admin).port or 5432}",
+        "server_version": await server_version(admin),
+        "results": [
+            {"mode": "sink (COPY + upsert, 5,000-row batches)", "rows": args.rows, "runs": args.repeat,
+             "seconds": [round(s, 3) for s in sink_seconds], "rows_per_s": round(sink_rate, 1),
+             "median_run_split_s": {"journal_read": round(median_run.read_s, 3),
+                                    "postgres_copy_upsert": round(median_run.postgres_s, 3),
+                                    "journal_mark_synced": round(median_run.mark_s, 3)}},
+            {"mode": "per-row INSERT … ON CONFLICT", "rows": baseline_rows, "runs": 1,
+             "seconds": [round(baseline_seconds, 3)], "rows_per_s": round(baseline_rate, 1)},
+        ],
+        "ratio_sink_over_per_row": round(sink_rate / baseline_rate, 1),
+        "load_average": [round(x, 2) for x in load],
+        "cpus": os.cpu_count(),
+        "targets": {"rows_per_s": 80_000, "ratio": 25},
+    }
+
+
+async def server_version(admin: str) -> str:
+    conn = await asyncpg.connect(admin)
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"sink drain — {report['loop']}, PostgreSQL {report['server_version']} at {report['postgres']}; "
+          f"{report['cpus']} CPUs, load average {report['load_average'][0]:.2f} at the start")
+    split = report["results"][0]["median_run_split_s"]
+    print(f"median sink run: journal read {split['journal_read']:.2f} s, PostgreSQL COPY + upsert "
+          f"{split['postgres_copy_upsert']:.2f} s, mark synced {split['journal_mark_synced']:.2f} s")
+    print()
+    print(f"{'mode':<42}{'rows':>9}{'runs':>6}{'rows/s':>12}")
+    for r in report["results"]:
+        print(f"{r['mode']:<42}{r['rows']:>9,}{r['runs']:>6}{r['rows_per_s']:>12,.0f}")
+    sink, per_row = (r["rows_per_s"] for r in report["results"])
+    targets = report["targets"]
+    print()
+    print(f"sink ÷ per-row: {report['ratio_sink_over_per_row']:.1f}x   "
+          f"(targets: ≥ {targets['rows_per_s']:,} rows/s {'met' if sink >= targets['rows_per_s'] else 'MISSED'}, "
+          f"≥ {targets['ratio']}x {'met' if sink / per_row >= targets['ratio'] else 'MISSED'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_sink", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="rows the sink drains per run (100,000)")
+    parser.add_argument("--baseline-rows", type=int, default=5_000, help="rows for the per-row baseline (5,000)")
+    parser.add_argument("--repeat", type=int, default=3, help="sink runs; the median counts (3)")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON to this path")
+    args = parser.parse_args()
+
+    SCRATCH_ROOT.mkdir(exist_ok=True)
+    scratch = SCRATCH_ROOT / f"sink-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir()
+    try:
+        import uvloop
+
+        report = uvloop.run(bench(args, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print_report(report)
+    if args.json:
+        args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
