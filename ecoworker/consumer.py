@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from aiormq.abc import DeliveredMessage
 
 from ecoworker import metrics
 from ecoworker.aio import wait_event
@@ -33,10 +34,15 @@ log = logging.getLogger("ecoworker.consumer")
 
 @dataclass(slots=True)
 class Delivery:
-    message: AbstractIncomingMessage
+    message: DeliveredMessage  # aiormq's: aio-pika's wrapper cost more than the rest of ingest
     queue: str
     generation: int
     received: float
+
+    @property
+    def tag(self) -> int:
+        """The delivery tag (deliveries from basic.consume always have one)."""
+        return int(getattr(self.message.delivery, "delivery_tag", 0) or 0)
 
 
 class AckTracker:
@@ -184,10 +190,11 @@ class Consumer:
         if channel is None or channel.is_closed or self._stopping or self._pause_reasons:
             return
         generation = self._generation
+        underlay = await channel.get_underlay_channel()
         for name, (queue, tag) in list(self._queues.items()):
             if tag is None:
-                tag = await queue.consume(partial(self._on_message, name, generation))
-                self._queues[name] = (queue, tag)
+                ok = await underlay.basic_consume(name, partial(self._on_message, name, generation))
+                self._queues[name] = (queue, ok.consumer_tag)
         self._set_consuming(True)
 
     async def _cancel_consumers(self) -> None:
@@ -198,7 +205,7 @@ class Consumer:
                 self._queues[name] = (queue, None)
                 if channel is not None and not channel.is_closed:
                     try:
-                        await queue.cancel(tag)
+                        await (await channel.get_underlay_channel()).basic_cancel(tag)
                     except Exception as exc:  # the channel may be dying; it will be rebuilt
                         log.debug("cancel %s: %s", name, exc)
 
@@ -219,7 +226,7 @@ class Consumer:
         self.consuming = on
         metrics.CONSUMING.set(1 if on else 0)
 
-    async def _on_message(self, queue: str, generation: int, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, queue: str, generation: int, message: DeliveredMessage) -> None:
         self._buffer.append(Delivery(message, queue, generation, time.monotonic()))
         self._wake.set()
 
@@ -243,10 +250,10 @@ class Consumer:
         now = time.time()
         rows, reasons = [], []
         for d in batch:
-            m = d.message
-            props = {"content_type": m.content_type, "content_encoding": m.content_encoding,
-                     "headers": m.headers, "message_id": m.message_id, "correlation_id": m.correlation_id}
-            row, reason = to_row(m.body, props, d.queue, registry=self.registry,
+            p = d.message.header.properties
+            props = {"content_type": p.content_type, "content_encoding": p.content_encoding,
+                     "headers": p.headers, "message_id": p.message_id, "correlation_id": p.correlation_id}
+            row, reason = to_row(d.message.body, props, d.queue, registry=self.registry,
                                  worker_name=s.worker_name, max_body_bytes=s.max_body_bytes, now=now)
             rows.append(row)
             reasons.append(reason)
@@ -279,7 +286,7 @@ class Consumer:
         if len(current) < len(batch):
             log.info("%d deliveries came on a closed channel; the broker redelivers them (deduplicated)",
                      len(batch) - len(current))
-        top = self._tracker.settle([d.message.delivery_tag or 0 for d in current])
+        top = self._tracker.settle([d.tag for d in current])
         channel = self._channel
         if top is None or channel is None or channel.is_closed:
             return
@@ -303,10 +310,10 @@ class Consumer:
         current = [d for d in batch if d.generation == self._generation]
         for d in current:
             try:
-                await d.message.nack(requeue=True)
+                await d.message.channel.basic_nack(d.tag, requeue=True)
             except Exception as nack_exc:
                 log.debug("nack: %s", nack_exc)
-        self._tracker.settle([d.message.delivery_tag or 0 for d in current])
+        self._tracker.settle([d.tag for d in current])
 
 
 def _toggle(consumer: Consumer, reason: str, high: bool, low: bool) -> None:

@@ -172,7 +172,8 @@ class Scheduler:
         )
         try:
             args, kwargs = orjson.loads(row.args), orjson.loads(row.kwargs)
-            result = await asyncio.wait_for(spec.handler(ctx, *args, **kwargs), timeout)
+            async with asyncio.timeout(timeout):  # no extra task per handler, unlike wait_for
+                result = await spec.handler(ctx, *args, **kwargs)
             text = orjson.dumps(result).decode()
         except Retry as exc:
             return self._retry_or_fail(row, spec, f"retry requested: {exc}", exc.after)

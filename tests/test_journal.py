@@ -810,13 +810,16 @@ class TestReader:
         await journal.ingest([task("committed")])
         inside, release = asyncio.Event(), asyncio.Event()
 
-        async def hold(db: aiosqlite.Connection) -> None:
-            await db.execute("INSERT INTO task_wal (task_id, task_name, worker_name, status, not_before) "
-                             "VALUES ('uncommitted', 'demo.task', 'w1', 'PENDING', 1)")
-            inside.set()
-            await release.wait()
+        async def hold() -> None:
+            async with journal._writing() as db:
+                await db.execute("BEGIN IMMEDIATE")
+                await db.execute("INSERT INTO task_wal (task_id, task_name, worker_name, status, not_before) "
+                                 "VALUES ('uncommitted', 'demo.task', 'w1', 'PENDING', 1)")
+                inside.set()
+                await release.wait()
+                await db.execute("COMMIT")
 
-        writer = asyncio.create_task(journal._transaction(hold))
+        writer = asyncio.create_task(hold())
         await asyncio.wait_for(inside.wait(), 5)
         try:
             assert (await asyncio.wait_for(journal.counts(), 2))["pending"] == 1
