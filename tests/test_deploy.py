@@ -84,7 +84,7 @@ def known_metrics() -> set[str]:
     """Every series name ecoworker exports, read from ecoworker/metrics.py."""
     source = (ROOT / "ecoworker" / "metrics.py").read_text()
     names: set[str] = set()
-    for kind, name in re.findall(r'\b(Gauge|Counter|Histogram)\(\s*"([a-z_:][a-z0-9_:]*)"', source):
+    for kind, name in re.findall(r'\b(_UntypedGauge|Gauge|Counter|Histogram)\(\s*"([a-z_:][a-z0-9_:]*)"', source):
         names.add(name)
         if kind == "Histogram":
             names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
