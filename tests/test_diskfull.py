@@ -11,23 +11,20 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 import pytest
 
 from tests.tcp_proxy import TcpProxy
-from tests.workers import REPO, WorkerProcess, env_for_worker, journal_rows, statuses, wait_for
+from tests.workers import WorkerProcess, env_for_worker, fresh_database, journal_rows, statuses, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -160,57 +157,40 @@ class TestDiskFull:
     async def test_results_shipped_while_the_disk_is_full_are_not_fatal(self, amqp, queue_name, journal_worker,
                                                                         small_fs, stack_env):
         """Results shipped while the journal volume is full: the worker survives and marks them synced later."""
-        async with fresh_database(stack_env["POSTGRES_DSN"]) as (dsn, conn):
-            with TcpProxy(*_host_port(dsn)) as proxy:
-                proxy.refuse()
-                w = journal_worker(queue_name, POSTGRES_DSN=proxy.url(dsn), ECOWORKER_SYNC_BACKOFF_MAX="1",
-                                   ECOWORKER_MIN_FREE_DISK_BYTES=str(256 * KiB))
-                ids = await amqp.publish_tasks(queue_name, "ecoworker.noop", [{"n": i} for i in range(200)])
-                await wait_for(lambda: _all_succeeded(amqp, queue_name, w, ids), 30, message=w.log_text)
-                filler = fill(small_fs)
-                proxy.pass_()
-                await wait_for(lambda: _shipped(conn, ids), 20, message=lambda: w.log_text()[-2000:])
-                await asyncio.sleep(3)
-                assert w.alive, "the worker died when it could not mark shipped rows synced:\n" + w.log_text()[-3000:]
-                filler.unlink()
-                await wait_for(lambda: _unsynced(w) == 0, 20, message=lambda: (
-                    f"shipped rows to be marked synced once space returned ({_unsynced(w)} unsynced; worker "
-                    f"alive={w.alive}, /readyz={w.http('/readyz')}, /healthz={w.http('/healthz')[0]}). A failed "
-                    "mark_synced must be retried: ecoworker/sink.py Sink.run lets the journal's OperationalError "
-                    "escape, which takes the worker's TaskGroup down, and Scheduler.run then hangs in "
-                    "`await finisher`, so the process stays up doing nothing.\n" + w.log_text()[-2000:]))
-                rows = await conn.fetch("SELECT task_id, status FROM task_results")
-                assert sorted(r["task_id"] for r in rows) == sorted(ids)
-                assert {r["status"] for r in rows} == {"SUCCESS"}
-                assert w.alive and w.starts == 1
+        async with fresh_database(stack_env["POSTGRES_DSN"]) as dsn:
+            conn = await asyncpg.connect(dsn)
+            try:
+                with TcpProxy(*_host_port(dsn)) as proxy:
+                    proxy.refuse()
+                    w = journal_worker(queue_name, POSTGRES_DSN=proxy.url(dsn), ECOWORKER_SYNC_BACKOFF_MAX="1",
+                                       ECOWORKER_MIN_FREE_DISK_BYTES=str(256 * KiB))
+                    ids = await amqp.publish_tasks(queue_name, "ecoworker.noop", [{"n": i} for i in range(200)])
+                    await wait_for(lambda: _all_succeeded(amqp, queue_name, w, ids), 30, message=w.log_text)
+                    filler = fill(small_fs)
+                    proxy.pass_()
+                    await wait_for(lambda: _shipped(conn, ids), 20, message=lambda: w.log_text()[-2000:])
+                    await asyncio.sleep(3)
+                    assert w.alive, ("the worker died when it could not mark shipped rows synced:\n"
+                                     + w.log_text()[-3000:])
+                    filler.unlink()
+                    await wait_for(lambda: _unsynced(w) == 0, 20, message=lambda: (
+                        f"shipped rows to be marked synced once space returned ({_unsynced(w)} unsynced; worker "
+                        f"alive={w.alive}, /readyz={w.http('/readyz')}, /healthz={w.http('/healthz')[0]}). A failed "
+                        "mark_synced must be retried: ecoworker/sink.py Sink.run lets the journal's OperationalError "
+                        "escape, which takes the worker's TaskGroup down, and Scheduler.run then hangs in "
+                        "`await finisher`, so the process stays up doing nothing.\n" + w.log_text()[-2000:]))
+                    rows = await conn.fetch("SELECT task_id, status FROM task_results")
+                    assert sorted(r["task_id"] for r in rows) == sorted(ids)
+                    assert {r["status"] for r in rows} == {"SUCCESS"}
+                    assert w.alive and w.starts == 1
+            finally:
+                await conn.close()
 
 
 def _host_port(dsn: str) -> tuple[str, int]:
     parts = urlsplit(dsn)
     assert parts.hostname and parts.port
     return parts.hostname, parts.port
-
-
-@asynccontextmanager
-async def fresh_database(admin_dsn: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
-    """A new, migrated database on the shared PostgreSQL and a connection to it; dropped afterwards."""
-    name = f"diskfull_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "POSTGRES_DSN": dsn}
-        proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ecoworker.cli", "db", "migrate"],
-                                       env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        conn = await asyncpg.connect(dsn)
-        try:
-            yield dsn, conn
-        finally:
-            await conn.close()
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def _shipped(conn: asyncpg.Connection, ids: list[str]) -> bool:

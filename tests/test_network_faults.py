@@ -8,20 +8,16 @@ themselves are the shared stack's and are never stopped: only the proxy misbehav
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from tests.tcp_proxy import TcpProxy
-from tests.workers import REPO, WorkerProcess, journal_rows, statuses, wait_for
+from tests.workers import WorkerProcess, fresh_database, journal_rows, statuses, wait_for
 
 
 def _target(url: str) -> tuple[str, int]:
@@ -35,24 +31,6 @@ def rabbit_proxy(stack_env: dict[str, str]) -> Iterator[TcpProxy]:
     """A proxy in front of the shared RabbitMQ."""
     with TcpProxy(*_target(stack_env["RABBITMQ_URL"])) as proxy:
         yield proxy
-
-
-@asynccontextmanager
-async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
-    """A new, migrated database on the shared PostgreSQL; dropped afterwards."""
-    name = f"netfault_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "POSTGRES_DSN": dsn}
-        proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ecoworker.cli", "db", "migrate"],
-                                       env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        yield dsn
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture

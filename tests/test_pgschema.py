@@ -8,12 +8,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
@@ -21,7 +18,7 @@ import pytest
 
 from ecoworker import pgschema
 from ecoworker.errors import ConfigError
-from tests.workers import REPO, env_for_worker, journal_rows, statuses, wait_for
+from tests.workers import REPO, env_for_worker, fresh_database, journal_rows, statuses, wait_for
 
 SEED_V1 = "CREATE TABLE task_results (task_id text primary key, result jsonb, completed_at timestamptz)"
 
@@ -46,25 +43,10 @@ EXPECTED_COLUMNS = {
 
 # ------------------------------------------------------------------ helpers
 
-@asynccontextmanager
-async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
-    """CREATE DATABASE test_<uuid> on the server of `admin_dsn`; yield its DSN; drop it after."""
-    name = f"test_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 async def fresh_dsn(stack_env: dict[str, str]) -> AsyncIterator[str]:
     """The DSN of a new, empty database on the shared PostgreSQL."""
-    async with fresh_database(stack_env["POSTGRES_DSN"]) as dsn:
+    async with fresh_database(stack_env["POSTGRES_DSN"], migrated=False) as dsn:
         yield dsn
 
 

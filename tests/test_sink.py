@@ -16,13 +16,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiosqlite
 import asyncpg
@@ -30,41 +27,18 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from ecoworker import pgschema
 from ecoworker.errors import ConfigError
 from ecoworker.journal import Journal, NewTask, Outcome
 from ecoworker.schema import SYNC_DONE, SYNC_REJECTED, SYNC_WAITING
 from ecoworker.settings import SinkSettings
 from ecoworker.sink import UNAVAILABLE, Sink
 from tests.conftest import run_services
-from tests.workers import REPO, env_for_worker, free_port, journal_rows, statuses, wait_for
+from tests.workers import REPO, env_for_worker, free_port, fresh_database, journal_rows, statuses, wait_for
 
 T0 = 1_700_000_000.0  # a fixed epoch second for created/started/completed timestamps
 
 
 # ------------------------------------------------------------------ PostgreSQL helpers
-
-@asynccontextmanager
-async def fresh_database(admin_dsn: str, migrated: bool = True) -> AsyncIterator[str]:
-    """CREATE DATABASE test_<uuid> (migrated to LATEST unless told not to); yield its DSN; drop it after."""
-    name = f"test_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            dsn = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-            if migrated:
-                conn = await asyncpg.connect(dsn)
-                try:
-                    await pgschema.migrate(conn)
-                finally:
-                    await conn.close()
-            yield dsn
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
 
 @pytest.fixture
 async def dsn(stack_env: dict[str, str]) -> AsyncIterator[str]:

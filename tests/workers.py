@@ -17,11 +17,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import asyncpg
 import orjson
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,3 +201,28 @@ def env_for_worker(stack_env: dict[str, str], **extra: str) -> dict[str, str]:
                 env.get("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")})
     env.update(extra)
     return env
+
+
+@asynccontextmanager
+async def fresh_database(admin_dsn: str, migrated: bool = True) -> AsyncIterator[str]:
+    """CREATE DATABASE test_<uuid> beside `admin_dsn` (migrated to LATEST unless told not to);
+    yield its DSN; drop it afterwards."""
+    from ecoworker import pgschema
+
+    name = f"test_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            dsn = urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
+            if migrated:
+                conn = await asyncpg.connect(dsn)
+                try:
+                    await pgschema.migrate(conn)
+                finally:
+                    await conn.close()
+            yield dsn
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
