@@ -168,17 +168,23 @@ def listening_ports() -> set[int]:
 
 
 
-def free_port_set() -> dict[str, int]:
+# Below the kernel's ephemeral range (32768-60999): a client socket elsewhere in the suite
+# can never be holding one of these when the private RabbitMQ binds it.
+PRIVATE_BASE = (27672, 27673, 27369, 27432, 27900)
+
+
+def free_port_set(skip: int = 0) -> dict[str, int]:
     """Ports for a second stack, none of them in use (RabbitMQ's CLI uses dist+1..+10)."""
     used = listening_ports()
+    candidates = []
     for offset in range(100, 1000, 100):
-        base = (56720, 56721, 43690, 54320, 59000)
-        ports = {key: port + offset for key, port in zip(PORT_KEYS, base, strict=True)}
-        wanted = set(ports.values()) | set(range(56722 + offset, 56732 + offset))
-        if not wanted & used:
-            return ports
-    raise AssertionError("no free port set for a second stack")
-
+        ports = {key: port + offset for key, port in zip(PORT_KEYS, PRIVATE_BASE, strict=True)}
+        dist = ports["ECOWORKER_RABBIT_DIST_PORT"]
+        if not (set(ports.values()) | set(range(dist + 1, dist + 11))) & used:
+            candidates.append(ports)
+    if len(candidates) <= skip:
+        raise AssertionError("no free port set for a second stack")
+    return candidates[skip]
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +199,13 @@ def private_stack(stack_env: dict[str, str]) -> Iterator[tuple[dict[str, str], d
     state = Path(tempfile.mkdtemp(prefix="ecoworker-stack2-", dir="/tmp"))
     state.chmod(0o755)  # postgres/rabbitmq users must reach it
     env = dict(os.environ)
-    env.update({k: str(v) for k, v in free_port_set().items()})
     env["ECOWORKER_STACK_DIR"] = str(state)
     try:
-        run_services("up", env=env)
+        for attempt in range(3):  # a port taken meanwhile: tidy up and try the next free set
+            env.update({k: str(v) for k, v in free_port_set(skip=attempt).items()})
+            if run_services("up", env=env, check=attempt == 2).returncode == 0:
+                break
+            run_services("down", env=env, timeout=180, check=False)
         yield env, parse_env_file(state / "env")
     finally:
         run_services("down", "--purge", env=env, timeout=180, check=False)
