@@ -18,6 +18,7 @@ import aiormq
 import orjson
 
 from ecoworker.errors import ConfigError
+from ecoworker.lockfile import JournalLock
 from ecoworker.settings import DEFAULT_WAL_PATH, Settings, environ, redact_url
 
 
@@ -195,6 +196,13 @@ async def wal_sync(args: argparse.Namespace) -> int:
 
 
 async def wal_recover(args: argparse.Namespace) -> int:
+    if args.stale_after:
+        with JournalLock(_db_path(args), "stop it before marking its RUNNING tasks failed"):
+            return await _recover(args)
+    return await _recover(args)
+
+
+async def _recover(args: argparse.Namespace) -> int:
     async with _open(args) as j:
         rows = await j.recover_pending_tasks()
         for r in rows:
@@ -216,6 +224,11 @@ async def wal_retry_failed(args: argparse.Namespace) -> int:
 
 
 async def wal_drain(args: argparse.Namespace) -> int:
+    with JournalLock(_db_path(args), "stop it first (SIGTERM), then drain what it left"):
+        return await _drain(args)
+
+
+async def _drain(args: argparse.Namespace) -> int:
     from ecoworker.client import Client, amqp_message
     from ecoworker.envelope import TaskMessage
 

@@ -20,6 +20,7 @@ from ecoworker.broker import Broker
 from ecoworker.consumer import Consumer
 from ecoworker.deadletter import DeadLetterPublisher
 from ecoworker.journal import Journal, Outcome
+from ecoworker.lockfile import JournalLock
 from ecoworker.maintenance import Maintenance
 from ecoworker.registry import Registry
 from ecoworker.scheduler import Scheduler
@@ -56,6 +57,12 @@ class Worker:
         s = self.settings
         log.info("ecoworker starting: worker %s, queues %s, journal %s, %d task type(s)",
                  s.worker_name, ",".join(s.queues), s.wal_path, len(self.registry))
+        with JournalLock(s.wal_path, "two workers must never share a journal: stop the other one, "
+                         "or give this one its own WAL_DB_PATH"):
+            return await self._serve_locked()
+
+    async def _serve_locked(self) -> int:
+        s = self.settings
         async with Journal.open(s.wal_path) as journal:
             self.journal = journal
             recovery = await journal.recover(time.time(), s.default_max_retries)

@@ -282,3 +282,31 @@ def test_missing_broker_is_a_clear_error(tmp_path, stack_env):
     assert proc.returncode == 2
     assert "cannot connect to RabbitMQ" in proc.stderr and "Traceback" not in proc.stderr
     assert "s3cr3t" not in proc.stderr + proc.stdout
+
+
+class TestJournalLock:
+    async def test_second_worker_and_drain_refuse_a_journal_in_use(self, amqp, queue_name, workers, tmp_path,
+                                                                   stack_env):
+        """While a worker runs, a second worker on its journal and `wal drain` refuse (exit 2) naming its pid."""
+        from tests.workers import WorkerProcess, env_for_worker
+
+        ids = await amqp.publish_tasks(queue_name, "ecoworker.sleep", [{"seconds": 30}])
+        w = workers(queue_name)
+        w.wait_ready()
+        await wait_for(lambda: statuses(w.wal).get(ids[0]) == "RUNNING", 20)
+        env = env_for_worker(stack_env)
+        second = WorkerProcess(w.wal, [queue_name], env, tmp_path / "second.log").start()
+        assert await asyncio.to_thread(second.wait_exit, 60) == 2
+        assert f"in use by a running worker (pid {w.proc.pid})" in second.log_text()
+        drain = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ecoworker.cli", "wal", "drain",
+                                                         "--db", str(w.wal)], env=env, capture_output=True,
+                                        text=True, timeout=60)
+        assert drain.returncode == 2 and "in use by a running worker" in drain.stderr
+        assert statuses(w.wal)[ids[0]] == "RUNNING" and await amqp.depth(queue_name) == 0
+        w.kill()  # the kernel drops the lock with the process: drain now works
+        drain = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ecoworker.cli", "wal", "drain",
+                                                         "--db", str(w.wal)], env=env, capture_output=True,
+                                        text=True, timeout=60)
+        assert drain.returncode == 0, drain.stderr
+        assert "handed 1 unfinished task(s)" in drain.stdout
+        assert await amqp.depth(queue_name) == 1
