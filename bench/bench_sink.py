@@ -40,7 +40,7 @@ import orjson
 from ecoworker import pgschema
 from ecoworker.journal import Journal, NewTask
 from ecoworker.settings import SinkSettings
-from ecoworker.sink import Sink
+from ecoworker.sink import NEWER_WINS, Sink
 
 REPO = Path(__file__).resolve().parents[1]
 SCRATCH_ROOT = REPO / ".bench-tmp"
@@ -51,13 +51,7 @@ INSERT INTO task_results AS t (task_id, task_name, queue, worker_name, status, a
     attempts, created_at, started_at, completed_at, synced_at)
 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8::jsonb, $9, $10, to_timestamp($11), to_timestamp($12),
     to_timestamp($13), now())
-ON CONFLICT (task_id) DO UPDATE SET task_name = EXCLUDED.task_name, queue = EXCLUDED.queue,
-    worker_name = EXCLUDED.worker_name, status = EXCLUDED.status, args = EXCLUDED.args,
-    kwargs = EXCLUDED.kwargs, result = EXCLUDED.result, error = EXCLUDED.error,
-    attempts = EXCLUDED.attempts, created_at = EXCLUDED.created_at, started_at = EXCLUDED.started_at,
-    completed_at = EXCLUDED.completed_at, synced_at = now()
-WHERE t.completed_at IS NULL OR EXCLUDED.completed_at >= t.completed_at
-"""
+""" + NEWER_WINS
 
 
 # ---------------------------------------------------------------- setup

@@ -226,6 +226,20 @@ async def queue_depth(channel: aio_pika.abc.AbstractChannel, name: str) -> int:
     return int(q.declaration_result.message_count or 0)
 
 
+async def prepublish_noops(channel: aio_pika.abc.AbstractChannel, queue: str, n: int) -> float:
+    """Declare `queue`, publish `n` confirmed `ecoworker.noop` envelopes, wait until the broker
+    holds them all; returns the seconds publishing took."""
+    from ecoworker.client import amqp_message, build_message
+
+    await channel.declare_queue(queue, durable=True)
+    t = time.perf_counter()
+    await publish_all(channel, (amqp_message(build_message("ecoworker.noop", (), {"i": i})) for i in range(n)),
+                      queue)
+    publish_s = time.perf_counter() - t
+    await wait_depth(channel, queue, n)
+    return publish_s
+
+
 async def wait_depth(channel: aio_pika.abc.AbstractChannel, name: str, n: int, within: float = 60) -> None:
     deadline = time.monotonic() + within
     while (depth := await queue_depth(channel, name)) < n:

@@ -72,18 +72,12 @@ def main() -> None:
 
 async def measure(ctx: common.Ctx, n: int, prefetch: int = 1000) -> dict[str, Any]:
     """Publish `n` messages, drain them with the bare consumer, return msgs/s."""
-    from ecoworker.client import amqp_message, build_message
 
     queue = ctx.queue("raw")
     conn = await aio_pika.connect(ctx.amqp_url)
     try:
         channel = await conn.channel(publisher_confirms=True)
-        await channel.declare_queue(queue, durable=True)
-        t = time.perf_counter()
-        await common.publish_all(channel, (amqp_message(build_message("ecoworker.noop", (), {"i": i}))
-                                           for i in range(n)), queue)
-        publish_s = time.perf_counter() - t
-        await common.wait_depth(channel, queue, n)
+        publish_s = await common.prepublish_noops(channel, queue, n)
         out_path = ctx.tmp / f"{queue}.out"
         cmd = [sys.executable, "-m", "bench.raw_consumer", "--queue", queue, "--n", str(n),
                "--prefetch", str(prefetch), "--timeout", str(max(60, n / 100))]

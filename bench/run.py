@@ -74,7 +74,6 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
     import aio_pika
     import asyncpg
 
-    from ecoworker.client import amqp_message, build_message
 
     queue = ctx.queue("eco")
     wal, port = ctx.tmp / f"{queue}.db", common.free_port()
@@ -82,12 +81,7 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
     pg = await asyncpg.connect(ctx.pg_dsn)
     try:
         channel = await conn.channel(publisher_confirms=True)
-        await channel.declare_queue(queue, durable=True)
-        t = time.perf_counter()
-        await common.publish_all(channel, (amqp_message(build_message("ecoworker.noop", (), {"i": i}))
-                                           for i in range(n)), queue)
-        publish_s = time.perf_counter() - t
-        await common.wait_depth(channel, queue, n)
+        publish_s = await common.prepublish_noops(channel, queue, n)
         await pg.execute("TRUNCATE task_results")
         proc = common.start_ecoworker(ctx, queue, wal, port, ctx.tmp / f"{queue}.log")
         spy_out = common.RESULTS / f"profile-{queue}.txt"

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -257,7 +258,8 @@ class Consumer:
                                  worker_name=s.worker_name, max_body_bytes=s.max_body_bytes, now=now)
             rows.append(row)
             reasons.append(reason)
-            metrics.RECEIVED.labels(d.queue).inc()
+        for queue, count in Counter(d.queue for d in batch).items():  # per batch, not per delivery
+            metrics.RECEIVED.labels(queue).inc(count)
         started = time.monotonic()
         try:
             new = await self.journal.ingest(rows)

@@ -38,13 +38,7 @@ CREATE TEMP TABLE IF NOT EXISTS ecoworker_staging (
     started_at double precision, completed_at double precision
 ) ON COMMIT DELETE ROWS
 """
-UPSERT = """
-INSERT INTO task_results AS t (task_id, task_name, queue, worker_name, status, args, kwargs, result,
-    error, attempts, created_at, started_at, completed_at, synced_at)
-SELECT task_id, task_name, queue, worker_name, status, args::jsonb, kwargs::jsonb,
-    result::jsonb, error, attempts, to_timestamp(created_at), to_timestamp(started_at),
-    to_timestamp(completed_at), now()
-FROM ecoworker_staging
+NEWER_WINS = """
 ON CONFLICT (task_id) DO UPDATE SET task_name = EXCLUDED.task_name, queue = EXCLUDED.queue,
     worker_name = EXCLUDED.worker_name, status = EXCLUDED.status, args = EXCLUDED.args,
     kwargs = EXCLUDED.kwargs, result = EXCLUDED.result, error = EXCLUDED.error,
@@ -52,6 +46,14 @@ ON CONFLICT (task_id) DO UPDATE SET task_name = EXCLUDED.task_name, queue = EXCL
     completed_at = EXCLUDED.completed_at, synced_at = now()
 WHERE t.completed_at IS NULL OR EXCLUDED.completed_at >= t.completed_at
 """
+UPSERT = """
+INSERT INTO task_results AS t (task_id, task_name, queue, worker_name, status, args, kwargs, result,
+    error, attempts, created_at, started_at, completed_at, synced_at)
+SELECT task_id, task_name, queue, worker_name, status, args::jsonb, kwargs::jsonb,
+    result::jsonb, error, attempts, to_timestamp(created_at), to_timestamp(started_at),
+    to_timestamp(completed_at), now()
+FROM ecoworker_staging
+""" + NEWER_WINS
 # errors that mean "PostgreSQL is not there right now", as opposed to "this data is refused"
 UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.exceptions.InterfaceError,
                asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
