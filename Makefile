@@ -32,7 +32,6 @@ test-fast: install services-up ## the suite without the slow end-to-end and chao
 
 lint: install ## ruff + mypy
 	.venv/bin/ruff check ecoworker handlers tests bench deploy
-	.venv/bin/ruff format --check ecoworker handlers || true
 	.venv/bin/mypy ecoworker handlers
 
 demo: install services-up ## the main job: local stack + workers + sample tasks + summary from PostgreSQL

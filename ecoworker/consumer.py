@@ -85,6 +85,8 @@ class Consumer:
         self._generation = -1
         self.consuming = False
         self.journal_error: str | None = None
+        self._journal_failures = 0  # consecutive failed ingests: the retry waits 1, 2, 4 … 10 s
+        self._journal_retry_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
         self._pending_estimate = 0  # PENDING rows: exact at each check, plus what ingest added since
 
@@ -165,7 +167,8 @@ class Consumer:
                 free = shutil.disk_usage(self.journal.path.parent).free
                 _toggle(self, "disk nearly full", free < s.min_free_disk_bytes,
                         free >= s.min_free_disk_bytes * 1.5)
-                if self.journal_error and free >= s.min_free_disk_bytes:
+                if (self.journal_error and free >= s.min_free_disk_bytes
+                        and time.monotonic() >= self._journal_retry_at):
                     self.journal_error = None
                     self.resume("journal not writable")
             except Exception as exc:
@@ -247,6 +250,9 @@ class Consumer:
             await asyncio.shield(self._commit(batch))
 
     async def _commit(self, batch: list[Delivery]) -> None:
+        if self.journal_error is not None:  # deliveries that came before the pause: not one more failed write
+            await self._give_back(batch)
+            return
         s = self.settings
         now = time.time()
         rows, reasons = [], []
@@ -266,6 +272,8 @@ class Consumer:
         except Exception as exc:
             await self._refuse(batch, exc)
             return
+        if new:  # rows were written (a batch of duplicates writes nothing and proves nothing)
+            self._journal_failures = 0
         metrics.INGEST_SECONDS.observe(time.monotonic() - started)
         metrics.INGEST_BATCH.observe(len(batch))
         owed = False
@@ -303,12 +311,18 @@ class Consumer:
             metrics.ACK_LATENCY.observe(done - d.received)
 
     async def _refuse(self, batch: list[Delivery], exc: Exception) -> None:
-        """The journal could not take the batch: give every delivery back to the broker."""
+        """The journal could not take the batch: give every delivery back to the broker, retry later."""
         metrics.INGEST_ERRORS.inc()
         self.journal_error = f"{type(exc).__name__}: {exc}"
-        log.error("journal write failed (%s): %d deliveries returned to the broker, consuming paused",
-                  self.journal_error, len(batch))
+        self._journal_failures += 1
+        delay = min(10.0, 2.0 ** (self._journal_failures - 1))
+        self._journal_retry_at = time.monotonic() + delay
+        log.error("journal write failed (%s): %d deliveries returned to the broker, consuming paused; "
+                  "retrying in %.0f s", self.journal_error, len(batch), delay)
         self.pause("journal not writable")
+        await self._give_back(batch)
+
+    async def _give_back(self, batch: list[Delivery]) -> None:
         current = [d for d in batch if d.generation == self._generation]
         for d in current:
             try:
