@@ -50,3 +50,10 @@ test_registry = Registry()
 async def crash(ctx: TaskContext) -> None:
     """Kill the worker process outright (test-only: proves crash loops end)."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@test_registry.task("ecoworker.sleep_limited", timeout=60, concurrency=2)
+async def sleep_limited(ctx: TaskContext, seconds: float = 0.05) -> dict[str, float]:
+    """Like sleep, but at most two run at once in a worker (test-only: proves per-task limits)."""
+    await asyncio.sleep(float(seconds))
+    return {"slept": float(seconds)}

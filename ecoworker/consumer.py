@@ -14,10 +14,10 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiormq.abc import DeliveredMessage
@@ -26,7 +26,7 @@ from ecoworker import metrics
 from ecoworker.aio import wait_event
 from ecoworker.broker import Broker
 from ecoworker.intake import to_row
-from ecoworker.journal import Journal
+from ecoworker.journal import ClaimedTask, Journal, NewTask
 from ecoworker.registry import Registry
 from ecoworker.settings import Settings
 
@@ -44,6 +44,14 @@ class Delivery:
     def tag(self) -> int:
         """The delivery tag (deliveries from basic.consume always have one)."""
         return int(getattr(self.message.delivery, "delivery_tag", 0) or 0)
+
+
+class Starter(Protocol):
+    """The scheduler, as the consumer sees it: slots for rows journaled straight as RUNNING."""
+
+    def reserve(self, names: Sequence[str]) -> list[int]: ...
+
+    def adopt(self, rows: list[ClaimedTask], reserved: Sequence[str]) -> None: ...
 
 
 class AckTracker:
@@ -69,12 +77,13 @@ class Consumer:
     """Owns the consuming channel; rebuilt on every broker connection."""
 
     def __init__(self, settings: Settings, journal: Journal, registry: Registry, broker: Broker,
-                 on_ingested: Callable[[bool], None]) -> None:
+                 on_ingested: Callable[[bool], None], starter: Starter | None = None) -> None:
         self.settings = settings
         self.journal = journal
         self.registry = registry
         self.broker = broker
         self.on_ingested = on_ingested  # called after each commit; True when dead letters are owed
+        self.starter = starter
         self._buffer: list[Delivery] = []
         self._wake = asyncio.Event()
         self._stopping = False
@@ -255,6 +264,47 @@ class Consumer:
             return
         s = self.settings
         now = time.time()
+        rows, reasons = self._rows(batch, now)
+        for queue, count in Counter(d.queue for d in batch).items():  # per batch, not per delivery
+            metrics.RECEIVED.labels(queue).inc(count)
+        starting, reserved = self._start_now(rows, now)
+        started = time.monotonic()
+        try:
+            new = await self.journal.ingest(rows)
+        except Exception as exc:
+            if self.starter is not None:
+                self.starter.adopt([], reserved)
+            await self._refuse(batch, exc)
+            return
+        if new:  # rows were written (a batch of duplicates writes nothing and proves nothing)
+            self._journal_failures = 0
+        metrics.INGEST_SECONDS.observe(time.monotonic() - started)
+        metrics.INGEST_BATCH.observe(len(batch))
+        owed = False
+        run_now: list[ClaimedTask] = []
+        for row, reason in zip(rows, reasons, strict=True):
+            if row.task_id not in new:
+                metrics.DUPLICATES.inc()
+                continue
+            new.discard(row.task_id)  # a second copy in the same batch is a duplicate
+            if reason is not None:
+                metrics.DEAD_LETTERED.labels(reason).inc()
+                log.warning("dead-lettering %s from %s: %s", row.task_id, row.queue, row.error)
+                owed = True
+            elif (claimed := starting.get(id(row))) is not None:
+                run_now.append(claimed)  # the row that was written is this RUNNING copy
+            else:
+                self._pending_estimate += 1
+        if self.starter is not None:
+            self.starter.adopt(run_now, reserved)
+        if self._pending_estimate >= s.pending_high_water:
+            self.pause("backlog")  # at once, not at the next check: the broker keeps the rest
+        await self._ack(batch)
+        self.on_ingested(owed)
+
+    def _rows(self, batch: list[Delivery], now: float) -> tuple[list[NewTask], list[str | None]]:
+        """Each delivery as a journal row, and why it is dead-lettered (None: it runs)."""
+        s = self.settings
         rows, reasons = [], []
         for d in batch:
             p = d.message.header.properties
@@ -264,32 +314,16 @@ class Consumer:
                                  worker_name=s.worker_name, max_body_bytes=s.max_body_bytes, now=now)
             rows.append(row)
             reasons.append(reason)
-        for queue, count in Counter(d.queue for d in batch).items():  # per batch, not per delivery
-            metrics.RECEIVED.labels(queue).inc(count)
-        started = time.monotonic()
-        try:
-            new = await self.journal.ingest(rows)
-        except Exception as exc:
-            await self._refuse(batch, exc)
-            return
-        if new:  # rows were written (a batch of duplicates writes nothing and proves nothing)
-            self._journal_failures = 0
-        metrics.INGEST_SECONDS.observe(time.monotonic() - started)
-        metrics.INGEST_BATCH.observe(len(batch))
-        owed = False
-        self._pending_estimate += len(new)
-        if self._pending_estimate >= s.pending_high_water:
-            self.pause("backlog")  # at once, not at the next check: the broker keeps the rest
-        for row, reason in zip(rows, reasons, strict=True):
-            if row.task_id not in new:
-                metrics.DUPLICATES.inc()
-            elif reason is not None:
-                metrics.DEAD_LETTERED.labels(reason).inc()
-                log.warning("dead-lettering %s from %s: %s", row.task_id, row.queue, row.error)
-                owed = True
-            new.discard(row.task_id)  # a second copy in the same batch is a duplicate
-        await self._ack(batch)
-        self.on_ingested(owed)
+        return rows, reasons
+
+    def _start_now(self, rows: list[NewTask], now: float) -> tuple[dict[int, ClaimedTask], list[str]]:
+        """Due rows the scheduler has free slots for become RUNNING rows (keyed by `id(row)`: only
+        the copy that gets written may run); also the task names whose slots were reserved."""
+        if self.starter is None:
+            return {}, []
+        due = [r for r in rows if r.status == "PENDING" and (r.not_before is None or r.not_before <= now)]
+        picked = [due[i] for i in self.starter.reserve([r.task_name for r in due])] if due else []
+        return {id(r): r.started(now) for r in picked}, [r.task_name for r in picked]
 
     async def _ack(self, batch: list[Delivery]) -> None:
         current = [d for d in batch if d.generation == self._generation]

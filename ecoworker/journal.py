@@ -35,7 +35,7 @@ _ROW_PLACEHOLDER = "(" + ", ".join("?" * len(schema.INGEST_COLUMNS)) + ")"
 # over from the new delivery.
 _REPLAY_UPSERT = " ON CONFLICT (task_id) DO UPDATE SET " + ", ".join(
     f"{c} = excluded.{c}" for c in schema.INGEST_COLUMNS if c != "task_id"
-) + (", started_at = NULL, result = NULL, synced_to_postgres = 0, sync_error = NULL "
+) + (", result = NULL, synced_to_postgres = 0, sync_error = NULL "
      f"WHERE (excluded.replays > task_wal.replays AND task_wal.status IN {TERMINAL_SQL}) "
      # a task `wal drain` handed back to the broker may come back here: run it
      "OR task_wal.status = 'HANDED_OFF' "
@@ -69,6 +69,14 @@ class NewTask:
     raw_body: bytes | None = None
     raw_headers: str | None = None
     replays: int = 0  # `dlq replay` count: a higher one revives a finished row
+    started_at: float | None = None  # set when the row is journaled straight as RUNNING (see `started`)
+
+    def started(self, now: float) -> ClaimedTask:
+        """Journal this row as already claimed (RUNNING, first attempt): one write instead of
+        ingest + claim. The scheduler runs the returned task once `ingest` reports the row new."""
+        self.status, self.attempts, self.started_at = "RUNNING", 1, now
+        return ClaimedTask(self.task_id, self.task_name, self.queue, self.args, self.kwargs, 1,
+                           self.max_retries, self.timeout, self.expires_at, self.retry_count)
 
 
 _NEW_TASK_FIELDS = tuple(f.name for f in fields(NewTask))

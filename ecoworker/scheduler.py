@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -47,6 +47,9 @@ class Scheduler:
         self._outcome_ready = asyncio.Event()
         self._stopping = False
         self._releasing = False
+        self._reserved = 0  # slots promised to the consumer for rows it journals as RUNNING
+        self._reserved_for: Counter[str] = Counter()  # … of them, per task name
+        self._backlog = True  # the last claim may have left due rows behind
 
     def wake(self) -> None:
         self._wake.set()
@@ -54,6 +57,39 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         return len(self._running)
+
+    # ------------------------------------------------------------ straight from intake
+
+    def reserve(self, names: Sequence[str]) -> list[int]:
+        """Promise slots to rows the consumer is about to journal as RUNNING (one write instead
+        of ingest + claim); `names` are their task names. Returns the indexes that got a slot,
+        within the global and each task's own limit. While due rows wait in the journal, new
+        deliveries get at most half the free slots, so the backlog keeps draining."""
+        if self._stopping:
+            return []
+        free = self.settings.concurrency - len(self._running) - self._reserved
+        if self._backlog:
+            free //= 2
+        picked: list[int] = []
+        for i, name in enumerate(names):
+            if len(picked) >= free:
+                break
+            spec = self.registry.get(name)
+            if spec is None or (spec.concurrency is not None
+                                and self._per_task[name] + self._reserved_for[name] >= spec.concurrency):
+                continue
+            self._reserved_for[name] += 1
+            picked.append(i)
+        self._reserved += len(picked)
+        return picked
+
+    def adopt(self, rows: list[ClaimedTask], reserved: Sequence[str]) -> None:
+        """Give back the slots reserved for tasks `reserved` (names), then run `rows`
+        (journaled RUNNING and committed)."""
+        self._reserved -= len(reserved)
+        self._reserved_for.subtract(reserved)
+        for row in rows:
+            self._start(row)
 
     # ------------------------------------------------------------ main loops
 
@@ -86,15 +122,20 @@ class Scheduler:
         limit = self.settings.concurrency
         while not self._stopping:
             self._wake.clear()
-            free = limit - len(self._running)
+            free = limit - len(self._running) - self._reserved
             claimed: list[ClaimedTask] = []
             if free > 0:
+                ask = min(free, MAX_CLAIM)
+                self._reserved += ask  # the consumer must not promise these slots while we claim
                 try:
-                    claimed = await self.journal.claim(time.time(), min(free, MAX_CLAIM), self._saturated())
+                    claimed = await self.journal.claim(time.time(), ask, self._saturated())
                 except Exception as exc:  # e.g. disk full: keep the loop alive, try again
+                    self._reserved -= ask
                     log.error("could not claim due tasks: %s; retrying in 1s", exc)
                     await asyncio.sleep(1)
                     continue
+                self._reserved -= ask
+                self._backlog = len(claimed) == min(free, MAX_CLAIM)
                 for row in claimed:
                     self._start(row)
             if claimed and len(claimed) == min(free, MAX_CLAIM):
@@ -112,12 +153,13 @@ class Scheduler:
             await wait_event(self._wake, timeout)
 
     def _saturated(self) -> list[str]:
-        return [s.name for s in self.registry
-                if s.concurrency is not None and self._per_task[s.name] >= s.concurrency]
+        return [s.name for s in self.registry if s.concurrency is not None
+                and self._per_task[s.name] + self._reserved_for[s.name] >= s.concurrency]
 
     def _start(self, row: ClaimedTask) -> None:
         spec = self.registry.get(row.task_name)
-        if spec is not None and spec.concurrency is not None and self._per_task[spec.name] >= spec.concurrency:
+        if (spec is not None and spec.concurrency is not None
+                and self._per_task[spec.name] + self._reserved_for[spec.name] >= spec.concurrency):
             # claimed past this task's own limit: hand it back unrun, uncounted
             self._record(Outcome(row.task_id, "PENDING", not_before=time.time(), attempts_inc=-1), False)
             return
@@ -229,6 +271,7 @@ class Scheduler:
                 continue
             self.on_finished(batch, urgent)
             if any(o.status == "PENDING" for o in batch):
+                self._backlog = True
                 self._wake.set()
 
 

@@ -106,4 +106,5 @@ INGEST_COLUMNS = (
     "raw_body",
     "raw_headers",
     "replays",
+    "started_at",
 )

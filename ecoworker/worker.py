@@ -98,7 +98,7 @@ class Worker:
             if owed:
                 dead_letters.wake()
 
-        consumer = Consumer(s, journal, self.registry, broker, on_ingested)
+        consumer = Consumer(s, journal, self.registry, broker, on_ingested, starter=scheduler)
         self.consumer = consumer
         server = metrics.MetricsServer(s.metrics_host, s.metrics_port, self._readiness,
                                        journal.get_stats, self._refresh_gauges)

@@ -253,6 +253,67 @@ class TestCrashLoop:
         await wait_for(lambda: _depth_at_least(amqp, f"{queue_name}.dead", 1), 10)
 
 
+_TIMES = "SELECT task_id, attempts, created_at, started_at, completed_at FROM task_wal"
+
+
+def _peak_overlap(rows: list[Any], seconds: float) -> int:
+    """Most handlers running at once, from each row's completion time minus its known sleep."""
+    events = sorted([(r["completed_at"] - seconds, 1) for r in rows] + [(r["completed_at"], -1) for r in rows])
+    peak = running = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+class TestStartAtIntake:
+    """A due row the scheduler has a slot for is journaled straight as RUNNING: one write, not two."""
+
+    async def test_idle_worker_starts_rows_in_the_ingest_write(self, amqp, queue_name, workers):
+        """Tasks arriving at an idle worker are journaled RUNNING (attempt 1, started at intake) and run once."""
+        w = workers(queue_name)
+        await asyncio.to_thread(w.wait_ready)
+        ids = []
+        for i in range(20):  # one at a time: each finds free slots and no backlog
+            ids += await amqp.publish_tasks(queue_name, "ecoworker.noop", [{"n": i}])
+            await asyncio.sleep(0.02)
+        await wait_for(lambda: _all_done(amqp, queue_name, w.wal, ids), 30)
+        rows = journal_rows(w.wal, _TIMES)
+        assert sorted(r["task_id"] for r in rows) == sorted(ids)
+        assert all(r["attempts"] == 1 for r in rows)
+        at_intake = [r for r in rows if r["started_at"] == r["created_at"]]
+        assert len(at_intake) >= 15, [(r["created_at"], r["started_at"]) for r in rows]
+
+    async def test_intake_starts_keep_the_global_limit(self, amqp, queue_name, workers):
+        """With intake starts and claims both filling slots, no more than --concurrency handlers run at once."""
+        ids = await amqp.publish_tasks(queue_name, "ecoworker.sleep", [{"seconds": 0.05} for _ in range(60)])
+        w = workers(queue_name, args=("--concurrency", "5", "--prefetch", "20"))
+        await wait_for(lambda: _all_done(amqp, queue_name, w.wal, ids), 60)
+        # a second wave into the now idle worker, trickled so that intake starts happen
+        for _ in range(30):
+            ids += await amqp.publish_tasks(queue_name, "ecoworker.sleep", [{"seconds": 0.05}] * 3)
+            await asyncio.sleep(0.03)
+        await wait_for(lambda: _all_done(amqp, queue_name, w.wal, ids), 60)
+        rows = journal_rows(w.wal, _TIMES)
+        assert len(rows) == len(ids) == 150
+        assert any(r["started_at"] == r["created_at"] for r in rows), "no row was started at intake"
+        assert _peak_overlap(rows, 0.04) <= 5
+
+    async def test_intake_starts_keep_a_tasks_own_limit(self, amqp, queue_name, workers):
+        """A task with its own concurrency limit (2) never runs more than that, however it was started."""
+        w = workers(queue_name, ECOWORKER_TEST_TASKS="1")
+        await asyncio.to_thread(w.wait_ready)
+        ids: list[str] = []
+        for _ in range(25):
+            ids += await amqp.publish_tasks(queue_name, "ecoworker.sleep_limited", [{"seconds": 0.05}] * 4)
+            await asyncio.sleep(0.03)
+        await wait_for(lambda: _all_done(amqp, queue_name, w.wal, ids), 60)
+        rows = journal_rows(w.wal, _TIMES)
+        assert len(rows) == 100 and all(r["attempts"] == 1 for r in rows)
+        assert any(r["started_at"] == r["created_at"] for r in rows), "no row was started at intake"
+        assert _peak_overlap(rows, 0.04) == 2
+
+
 class TestBackpressure:
     async def test_consumer_pauses_above_high_water_and_resumes(self, amqp, queue_name, workers):
         """Above the PENDING high-water mark the consumer pauses (unready, consuming=0); below low water it resumes."""
