@@ -14,6 +14,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
+from functools import lru_cache
+from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,6 +84,13 @@ class NewTask:
 
 _NEW_TASK_FIELDS = tuple(f.name for f in fields(NewTask))
 assert _NEW_TASK_FIELDS == schema.INGEST_COLUMNS
+_row_values = attrgetter(*_NEW_TASK_FIELDS)  # a row's values as a tuple, in C
+
+
+@lru_cache(maxsize=64)
+def _ingest_sql(n: int) -> str:
+    """The multi-row ingest statement for `n` rows (one text per batch size)."""
+    return _INGEST_SQL_HEAD + ", ".join([_ROW_PLACEHOLDER] * n) + _REPLAY_UPSERT
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +198,8 @@ class Journal:
         """
         if not rows:
             return set()
-        params = [getattr(row, name) for row in rows for name in _NEW_TASK_FIELDS]
-        sql = (
-            _INGEST_SQL_HEAD
-            + ", ".join([_ROW_PLACEHOLDER] * len(rows))
-            + _REPLAY_UPSERT
-        )
+        params = list(chain.from_iterable(map(_row_values, rows)))
+        sql = _ingest_sql(len(rows))
         fetched = await self._run(lambda db: db.execute(sql, params).fetchall(), durable=True)
         return {r[0] for r in fetched}
 
