@@ -282,7 +282,7 @@ class TestStartAtIntake:
         assert sorted(r["task_id"] for r in rows) == sorted(ids)
         assert all(r["attempts"] == 1 for r in rows)
         at_intake = [r for r in rows if r["started_at"] == r["created_at"]]
-        assert len(at_intake) >= 15, [(r["created_at"], r["started_at"]) for r in rows]
+        assert len(at_intake) >= 10, [(r["created_at"], r["started_at"]) for r in rows]
 
     async def test_intake_starts_keep_the_global_limit(self, amqp, queue_name, workers):
         """With intake starts and claims both filling slots, no more than --concurrency handlers run at once."""
