@@ -12,6 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -185,8 +186,8 @@ class Scheduler:
             self._running.pop(row.task_id, None)
             metrics.IN_FLIGHT.set(len(self._running))
             if outcome is not None:
-                metrics.TASK_SECONDS.labels(row.task_name).observe(time.monotonic() - started)
-                metrics.TASKS_FINISHED.labels(row.task_name, _label(outcome)).inc()
+                _seconds(row.task_name).observe(time.monotonic() - started)
+                _finished(row.task_name, _label(outcome)).inc()
                 if outcome.status in ("FAILURE", "DEAD"):
                     log.warning("task %s (%s) failed for good after %d attempt(s): %s", row.task_id,
                                 row.task_name, row.attempts, (outcome.error or "")[:500], extra={
@@ -207,7 +208,7 @@ class Scheduler:
         ctx = TaskContext(
             task_id=row.task_id, task_name=row.task_name, queue=row.queue or "", attempt=row.attempts,
             max_attempts=_max_retries(row, spec) + 1, deadline=loop.time() + timeout,
-            logger=logging.LoggerAdapter(logging.getLogger(f"ecoworker.task.{row.task_name}"), {
+            logger=logging.LoggerAdapter(_task_logger(row.task_name), {
                 "task_id": row.task_id, "task": row.task_name, "queue": row.queue,
                 "attempt": row.attempts}),
             resources=self.resources,
@@ -273,6 +274,22 @@ class Scheduler:
             if any(o.status == "PENDING" for o in batch):
                 self._backlog = True
                 self._wake.set()
+
+
+# per task name, looked up once: these ran for every task in a profile
+@lru_cache(maxsize=1024)
+def _task_logger(task_name: str) -> logging.Logger:
+    return logging.getLogger(f"ecoworker.task.{task_name}")
+
+
+@lru_cache(maxsize=1024)
+def _seconds(task_name: str) -> Any:
+    return metrics.TASK_SECONDS.labels(task_name)
+
+
+@lru_cache(maxsize=4096)
+def _finished(task_name: str, label: str) -> Any:
+    return metrics.TASKS_FINISHED.labels(task_name, label)
 
 
 def _label(outcome: Outcome) -> str:
