@@ -5,6 +5,11 @@ wins), and rows are marked synced only after PostgreSQL committed, so a crash
 in between re-ships rows the upsert absorbs. An outage only delays shipping:
 the loop backs off and the worker keeps running tasks. A row PostgreSQL
 refuses is isolated by splitting the batch and kept in the journal with its error.
+
+A pass over the backlog is pipelined: while PostgreSQL works on up to
+`pool_size` batches, the journal's reader thread reads the next page and its
+writer thread marks the batches already committed, so the three kinds of work
+overlap instead of taking turns.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -31,10 +36,12 @@ log = logging.getLogger("ecoworker.sink")
 STAGING_COLUMNS = ("task_id", "task_name", "queue", "worker_name", "status", "args", "kwargs",
                    "result", "error", "attempts", "created_at", "started_at", "completed_at")
 COMPLETED_AT = STAGING_COLUMNS.index("completed_at")
+# JSON columns are jsonb already here: COPY parses them, which costs less than a ::jsonb cast in
+# the INSERT … SELECT (COPY + insert of 5,000 rows: 115 → 75 ms in a profile)
 STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS ecoworker_staging (
-    task_id text, task_name text, queue text, worker_name text, status text, args text, kwargs text,
-    result text, error text, attempts integer, created_at double precision,
+    task_id text, task_name text, queue text, worker_name text, status text, args jsonb, kwargs jsonb,
+    result jsonb, error text, attempts integer, created_at double precision,
     started_at double precision, completed_at double precision
 ) ON COMMIT DELETE ROWS
 """
@@ -46,14 +53,14 @@ ON CONFLICT (task_id) DO UPDATE SET task_name = EXCLUDED.task_name, queue = EXCL
     completed_at = EXCLUDED.completed_at, synced_at = now()
 WHERE t.completed_at IS NULL OR EXCLUDED.completed_at >= t.completed_at
 """
-UPSERT = """
+INSERT = """
 INSERT INTO task_results AS t (task_id, task_name, queue, worker_name, status, args, kwargs, result,
     error, attempts, created_at, started_at, completed_at, synced_at)
-SELECT task_id, task_name, queue, worker_name, status, args::jsonb, kwargs::jsonb,
-    result::jsonb, error, attempts, to_timestamp(created_at), to_timestamp(started_at),
-    to_timestamp(completed_at), now()
+SELECT task_id, task_name, queue, worker_name, status, args, kwargs, result, error, attempts,
+    to_timestamp(created_at), to_timestamp(started_at), to_timestamp(completed_at), now()
 FROM ecoworker_staging
-""" + NEWER_WINS
+"""
+UPSERT = INSERT + NEWER_WINS
 # errors that mean "PostgreSQL is not there right now", as opposed to "this data is refused"
 UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.exceptions.InterfaceError,
                asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
@@ -88,7 +95,7 @@ class Sink:
         try:
             while not self._stop.is_set():
                 try:
-                    shipped = await self.sync_once()
+                    await self.sync_pass(self._stop)
                 except UNAVAILABLE as exc:
                     self._down(exc)
                     await self._sleep(self._backoff())
@@ -102,8 +109,7 @@ class Sink:
                     await self._sleep(self._backoff())
                     continue
                 self._back_up()
-                if shipped < self.settings.batch_size:
-                    await self._sleep(self.settings.max_delay)
+                await self._sleep(self.settings.max_delay)  # caught up: a pass ends on a short page
         finally:
             await self.close()
 
@@ -113,11 +119,8 @@ class Sink:
         self._wake.set()
         if self.up is False:
             return
-        deadline = time.monotonic() + flush_timeout
         try:
-            while time.monotonic() < deadline:
-                if await asyncio.wait_for(self.sync_once(), max(0.1, deadline - time.monotonic())) == 0:
-                    break
+            await asyncio.wait_for(self.sync_all(), max(0.1, flush_timeout))
         except (TimeoutError, Exception) as exc:
             log.info("results left unsynced at shutdown (shipped after restart): %s", exc)
 
@@ -132,37 +135,99 @@ class Sink:
     async def sync_once(self) -> int:
         """Ship up to one batch. Returns the rows marked synced or rejected."""
         self._hint = 0
-        rows = await self.journal.unsynced(self.settings.batch_size)
-        if not rows:
+        records, _ = await self.journal.unsynced_page(self.settings.batch_size)
+        if not records:
             metrics.SYNC_LAG.set(0)
             return 0
-        metrics.SYNC_LAG.set(max(0.0, time.time() - (rows[0]["completed_at"] or time.time())))
-        pool = await self._ensure_pool()
-        records = [tuple(r) for r in rows]
-        return await self._ship(pool, records)
+        _measure_lag(records)
+        return await self._ship(await self._ensure_pool(), records)
 
     async def sync_all(self) -> int:
         """Ship everything unsynced now (the seed's force_sync_all)."""
         total = 0
-        while (n := await self.sync_once()) > 0:
+        while (n := await self.sync_pass()) > 0:  # another pass for rows that changed while shipping
             total += n
         return total
 
-    async def _ship(self, pool: asyncpg.Pool, records: Sequence[tuple[Any, ...]]) -> int:
+    async def sync_pass(self, stop: asyncio.Event | None = None) -> int:
+        """One pass over the unsynced rows, oldest first, until a page comes back short or `stop`
+        is set. Returns the rows marked synced or rejected.
+
+        Up to `pool_size` batches are in PostgreSQL and one more is being marked or waits, and
+        the next page is read meanwhile: the reading (the journal's reader thread), the shipping
+        (PostgreSQL) and the marking (the journal's writer thread) overlap. Pages follow a
+        (completed_at, task_id) cursor, so a batch in flight is not read again, while a row that
+        changes meanwhile comes again later. If a batch fails, the others in flight end (shipped
+        and marked, or not) before its error is raised; if the pass is cancelled, so are they."""
+        self._hint = 0
+        in_flight: set[asyncio.Task[int]] = set()
+        shipped = 0
+        after: tuple[float | None, str] | None = None
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.copy_records_to_table("ecoworker_staging", records=records,
-                                                 columns=STAGING_COLUMNS)
-                await conn.execute(UPSERT)
+            while True:
+                records, after = await self.journal.unsynced_page(self.settings.batch_size, after)
+                if not records:
+                    if not shipped and not in_flight:
+                        metrics.SYNC_LAG.set(0)
+                    break
+                _measure_lag(records)
+                pool = await self._ensure_pool()
+                while len(in_flight) > max(1, self.settings.pool_size):  # pool_size + 1 in flight
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    shipped += _shipped(done)
+                in_flight.add(asyncio.create_task(self._ship(pool, records)))
+                if after is None or (stop is not None and stop.is_set()):
+                    break
+            if in_flight:
+                done, in_flight = await asyncio.wait(in_flight)
+                shipped += _shipped(done)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled: so are the batches
+                for task in in_flight:
+                    task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)  # else let them end, then raise
+            raise
+        return shipped
+
+    async def _ship(self, pool: asyncpg.Pool, records: Sequence[tuple[Any, ...]], retries: int = 3) -> int:
+        try:
+            async with pool.acquire() as conn:
+                await self._write(conn, records)
         except asyncpg.exceptions.DataError as exc:  # the driver refused a value: that row's fault
             return await self._refused(pool, records, exc)
         except UNAVAILABLE:
             raise
+        except asyncpg.exceptions.TransactionRollbackError as exc:
+            # a deadlock (two batches of a pass holding the same id) or a serialization failure:
+            # nobody's data is at fault, so try the same batch again; in the end the pass backs off
+            if retries <= 0:
+                raise TimeoutError(f"PostgreSQL kept rolling the batch back: {exc}") from exc
+            await asyncio.sleep(random.uniform(0.05, 0.2))
+            return await self._ship(pool, records, retries - 1)
         except (asyncpg.PostgresError, TypeError, ValueError, OverflowError) as exc:
             return await self._refused(pool, records, exc)
         await self.journal.mark_synced([r[0] for r in records], [r[COMPLETED_AT] for r in records])
         metrics.SYNC_ROWS.inc(len(records))
         return len(records)
+
+    async def _write(self, conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
+        """COPY `records` into the staging table and upsert them, in one transaction."""
+        async with conn.transaction():
+            await self._copy(conn, records)
+            await self._upsert(conn)
+
+    async def _copy(self, conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> None:
+        await conn.copy_records_to_table("ecoworker_staging", records=records, columns=STAGING_COLUMNS)
+
+    async def _upsert(self, conn: asyncpg.Connection) -> None:
+        """A plain INSERT when every id is new to PostgreSQL, the usual case (a third less
+        PostgreSQL CPU than ON CONFLICT's speculative insertion in a profile); if one is not, the
+        savepoint is rolled back and the newer-wins upsert takes the whole batch."""
+        try:
+            async with conn.transaction():  # a savepoint
+                await conn.execute(INSERT)
+        except asyncpg.exceptions.UniqueViolationError:  # shipped before (a re-ship, another pod)
+            await conn.execute(UPSERT)
 
     async def _refused(self, pool: asyncpg.Pool, records: Sequence[tuple[Any, ...]], exc: BaseException) -> int:
         """Some row in `records` was refused: bisect until it is alone, keep it with its error."""
@@ -218,3 +283,17 @@ class Sink:
     async def _sleep(self, seconds: float) -> None:
         await wait_event(self._wake, seconds)
         self._wake.clear()
+
+
+def _measure_lag(records: Sequence[tuple[Any, ...]]) -> None:
+    """The lag gauge: the age of the oldest row of a page (pages come oldest first)."""
+    now = time.time()
+    metrics.SYNC_LAG.set(max(0.0, now - (records[0][COMPLETED_AT] or now)))
+
+
+def _shipped(done: Iterable[asyncio.Task[int]]) -> int:
+    """The rows the finished batches shipped; raises the first batch's error (every error retrieved)."""
+    errors = [error for task in done if (error := task.exception()) is not None]
+    if errors:
+        raise errors[0]
+    return sum(task.result() for task in done)

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 import asyncpg
 import orjson
 import pytest
@@ -36,6 +35,8 @@ from tests.conftest import run_services
 from tests.workers import REPO, env_for_worker, free_port, fresh_database, journal_rows, statuses, wait_for
 
 T0 = 1_700_000_000.0  # a fixed epoch second for created/started/completed timestamps
+Record = tuple[Any, ...]  # a row as Journal.unsynced_page returns it
+Cursor = tuple[float | None, str]  # (completed_at, task_id) of the last row of a page
 
 
 # ------------------------------------------------------------------ PostgreSQL helpers
@@ -265,6 +266,24 @@ class TestExactlyOnce:
         assert orjson.loads(rows["x"]["kwargs"]) == {"who": "a"}
         assert (rows["y"]["worker_name"], rows["y"]["completed_at"]) == ("pod-b", at(T0 + 60))
 
+    async def test_batch_of_new_and_shipped_rows_inserts_and_upserts(self, journal: Journal, sink: Sink,
+                                                                     pg: asyncpg.Connection) -> None:
+        """One batch mixing new rows with rows PostgreSQL has (newer and older): new ones inserted, newer wins."""
+        await journal.ingest([done_task(f"old{i}", completed_at=T0 + 10) for i in range(20)])
+        assert await sink.sync_all() == 20
+        # ten come back newer, ten come back older (another pod's late copy), twenty are new
+        set_rows(journal.path, "UPDATE task_wal SET synced_to_postgres = 0, worker_name = 'pod-b', "
+                 "completed_at = CASE WHEN CAST(substr(task_id, 4) AS INTEGER) < 10 THEN ? ELSE ? END",
+                 (T0 + 20, T0 + 5))
+        await journal.ingest([done_task(f"new{i}", completed_at=T0 + 15, worker_name="pod-b") for i in range(20)])
+        assert await sink.sync_once() == 40  # one batch
+        rows = await pg_rows(pg)
+        assert len(rows) == 40
+        assert {i for i, r in rows.items() if r["worker_name"] == "pod-b"} == (
+            {f"old{i}" for i in range(10)} | {f"new{i}" for i in range(20)})
+        assert {r["completed_at"] for i, r in rows.items() if i.startswith("old")} == {at(T0 + 20), at(T0 + 10)}
+        assert set(sync_states(journal.path).values()) == {(SYNC_DONE, None)}
+
     async def test_row_changed_while_shipping_is_shipped_again(self, tmp_path: Path, dsn: str,
                                                                pg: asyncpg.Connection) -> None:
         """A row requeued (`wal retry-failed`) while its old outcome ships stays unsynced; its next outcome ships."""
@@ -291,12 +310,12 @@ class RetryFailedWhileShipping(Journal):
 
     fired = False
 
-    async def unsynced(self, limit: int) -> list[aiosqlite.Row]:
-        rows = await super().unsynced(limit)
-        if rows and not self.fired:
+    async def unsynced_page(self, limit: int, after: Cursor | None = None) -> tuple[list[Record], Cursor | None]:
+        page = await super().unsynced_page(limit, after)
+        if page[0] and not self.fired:
             self.fired = True
             await self.requeue(["FAILURE"])
-        return rows
+        return page
 
 
 # realistic outcomes PostgreSQL refuses: NUL inside a JSON string (orjson escapes it as \u0000, which
@@ -352,6 +371,202 @@ class TestPoisonRows:
         assert all(s == SYNC_DONE for i, (s, _) in states.items() if i not in poison_ids)
         assert await sink.sync_all() == 0  # rejected rows are kept, not retried forever
         assert (await journal.counts())["unsynced"] == 0
+
+
+class EventJournal(Journal):
+    """A journal that logs the sink's page reads and marks, in the order they finish."""
+
+    events: list[str]
+
+    async def unsynced_page(self, limit: int, after: Cursor | None = None) -> tuple[list[Record], Cursor | None]:
+        page = await super().unsynced_page(limit, after)
+        self.events.append("read")
+        return page
+
+    async def mark_synced(self, task_ids: Sequence[str], completed_at: Sequence[float | None] | None = None) -> None:
+        await super().mark_synced(task_ids, completed_at)
+        self.events.append("mark")
+
+
+class CountingSink(Sink):
+    """A sink that records how many batches are inside PostgreSQL transactions at once."""
+
+    inside = peak = 0
+
+    async def _write(self, conn: asyncpg.Connection, records: Sequence[Record]) -> None:
+        self.inside += 1
+        self.peak = max(self.peak, self.inside)
+        try:
+            await asyncio.sleep(0.05)  # long enough for the pass to start the next batch
+            await super()._write(conn, records)
+        finally:
+            self.inside -= 1
+
+
+class FailingSink(Sink):
+    """A sink on which the batch starting with task `fail` meets a dropped connection, and the one
+    starting with `slow` (every batch: "*") waits `delay` seconds before PostgreSQL sees it."""
+
+    fail = slow = ""
+    delay = 0.0
+    writes = 0
+
+    async def _write(self, conn: asyncpg.Connection, records: Sequence[Record]) -> None:
+        self.writes += 1
+        if records[0][0] == self.fail:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        if self.slow in ("*", records[0][0]):
+            await asyncio.sleep(self.delay)
+        await super()._write(conn, records)
+
+
+def synced_ids(path: Path) -> set[str]:
+    return {i for i, (state, _) in sync_states(path).items() if state == SYNC_DONE}
+
+
+class TestPipeline:
+    async def test_next_pages_are_read_and_batches_overlap_before_the_first_mark(
+            self, tmp_path: Path, dsn: str, pg: asyncpg.Connection) -> None:
+        """A pass reads the next pages before the first batch is marked, with pool_size batches in PostgreSQL."""
+        async with EventJournal.open(tmp_path / "j.db") as j:
+            assert isinstance(j, EventJournal)
+            j.events = []
+            await j.ingest([done_task(f"t{i:03}", completed_at=T0 + i) for i in range(500)])
+            sink = CountingSink(SinkSettings(dsn=dsn, batch_size=100, pool_size=2), j)
+            try:
+                assert await sink.sync_pass() == 500
+            finally:
+                await sink.close()
+            assert j.events.index("mark") >= 3, j.events  # pages 2 and 3 were read while batch 1 shipped
+            assert sink.peak == 2  # two batches in PostgreSQL at once, never more than the pool
+            assert synced_ids(j.path) == {f"t{i:03}" for i in range(500)}
+        assert tuple(await pg.fetchrow("SELECT count(*), count(DISTINCT task_id) FROM task_results")) == (500, 500)
+
+    async def test_equal_and_null_completion_times_across_pages_ship_once_in_one_pass(
+            self, journal: Journal, dsn: str, pg: asyncpg.Connection) -> None:
+        """Rows tied on completed_at, or without one, spanning page boundaries all ship in one pass, once each."""
+        await journal.ingest([done_task(f"n{i:03}", completed_at=None) for i in range(150)])
+        await journal.ingest([done_task(f"s{i:03}", completed_at=T0 + 5) for i in range(250)])
+        await journal.ingest([done_task(f"z{i:03}", completed_at=T0 + 6 + i) for i in range(20)])
+        sink = Sink(SinkSettings(dsn=dsn, batch_size=100), journal)
+        try:
+            assert await sink.sync_pass() == 420  # one pass: no row skipped by the page cursor
+        finally:
+            await sink.close()
+        assert tuple(await pg.fetchrow("SELECT count(*), count(DISTINCT task_id), count(completed_at) "
+                                       "FROM task_results")) == (420, 420, 270)
+        assert (await journal.counts())["unsynced"] == 0
+
+    async def test_row_finished_again_during_a_pass_ships_its_newer_outcome_in_that_pass(
+            self, tmp_path: Path, dsn: str, pg: asyncpg.Connection) -> None:
+        """A row finished again while its old outcome is in flight ships anew in that pass; the old one, committed
+        last, does not overwrite it."""
+        async with RetryFailedWhileShipping.open(tmp_path / "j.db") as j:
+            outcomes = [outcome(f"t{i:03}", T0 + i) for i in range(300)]
+            outcomes[10] = Outcome("t010", "FAILURE", error="ConnectionError: down", completed_at=T0 + 10)
+            await ingest_and_run(j, outcomes)
+            sink = FailingSink(SinkSettings(dsn=dsn, batch_size=100), j)
+            sink.slow, sink.delay = "t000", 0.5  # batch 1, with the old outcome, commits after the new one
+            try:
+                original_requeue = j.requeue
+
+                async def requeue_and_finish(statuses: Sequence[str]) -> int:
+                    n = await original_requeue(statuses)  # right after page 1, which holds the FAILURE
+                    await j.claim(time.time() + 1, 10)
+                    await j.finish([Outcome("t010", "SUCCESS", result='"retried"', completed_at=T0 + 1000)])
+                    return n
+
+                j.requeue = requeue_and_finish  # type: ignore[method-assign]
+                assert await sink.sync_pass() == 301  # 300 rows, one of them twice
+            finally:
+                await sink.close()
+            assert (await j.counts())["unsynced"] == 0
+        row = (await pg_rows(pg))["t010"]
+        assert (row["status"], orjson.loads(row["result"]), row["completed_at"]) == (
+            "SUCCESS", "retried", at(T0 + 1000))
+        assert await pg.fetchval("SELECT count(*) FROM task_results") == 300
+
+    async def test_a_failed_batch_lets_the_batches_in_flight_finish_then_raises(
+            self, journal: Journal, dsn: str, pg: asyncpg.Connection) -> None:
+        """Batch 2 losing its connection raises UNAVAILABLE once batches 1 and 3 shipped and were marked."""
+        await journal.ingest([done_task(f"t{i:03}", completed_at=T0 + i) for i in range(500)])
+        sink = FailingSink(SinkSettings(dsn=dsn, batch_size=100, pool_size=2), journal)
+        sink.fail = "t100"
+        try:
+            with pytest.raises(UNAVAILABLE):
+                await sink.sync_pass()
+            assert sink.writes == 3
+            in_pg = {r[0] for r in await pg.fetch("SELECT task_id FROM task_results")}
+            assert in_pg == synced_ids(journal.path)  # nothing marked that PostgreSQL lacks, nothing left unmarked
+            assert in_pg == {f"t{i:03}" for i in (*range(100), *range(200, 300))}
+            sink.fail = ""  # the connection is back: the rest ships on the next pass
+            assert await sink.sync_all() == 300
+        finally:
+            await sink.close()
+        assert tuple(await pg.fetchrow("SELECT count(*), count(DISTINCT task_id) FROM task_results")) == (500, 500)
+
+    async def test_stop_cancels_a_slow_pass_at_its_deadline(self, journal: Journal, dsn: str,
+                                                           pg: asyncpg.Connection) -> None:
+        """stop(flush_timeout) returns at its deadline while PostgreSQL is slow: the batches in flight are cancelled."""
+        await journal.ingest([done_task(f"t{i:03}", completed_at=T0 + i) for i in range(500)])
+        sink = FailingSink(SinkSettings(dsn=dsn, batch_size=100, pool_size=2), journal)
+        sink.slow, sink.delay = "*", 30
+        sink.up = True
+        try:
+            started = time.monotonic()
+            await sink.stop(flush_timeout=0.5)
+            assert time.monotonic() - started < 10
+            shipping = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "Sink._ship"]
+            assert not shipping  # cancelled and awaited, not left running
+        finally:
+            await sink.close()
+        assert await pg.fetchval("SELECT count(*) FROM task_results") == 0
+        assert (await journal.counts())["unsynced"] == 500
+
+    async def test_a_batch_over_sqlites_variable_limit_is_marked_synced(self, journal: Journal, dsn: str,
+                                                                        pg: asyncpg.Connection) -> None:
+        """One 16,500-row batch ships and is marked although its 33,000 values exceed what one statement may bind."""
+        await journal._run(lambda db: db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32_766))  # upstream default
+        for start in range(0, 16_500, 500):
+            await journal.ingest([done_task(f"t{i:05}", completed_at=T0 + i) for i in range(start, start + 500)])
+        sink = Sink(SinkSettings(dsn=dsn, batch_size=20_000), journal)
+        try:
+            assert await sink.sync_once() == 16_500
+        finally:
+            await sink.close()
+        assert await pg.fetchval("SELECT count(*) FROM task_results") == 16_500
+        assert (await journal.counts())["unsynced"] == 0
+
+
+class TestRolledBack:
+    async def test_deadlocks_retry_the_batch_instead_of_rejecting_rows(self, journal: Journal, dsn: str,
+                                                                       pg: asyncpg.Connection) -> None:
+        """PostgreSQL rolling a batch back (deadlock_detected, 40P01) is nobody's data: the rows ship, none is rejected."""
+        # the first 6 statements inserting into task_results are rolled back; a sequence counts
+        # them, since nextval() is not undone by the rollback it causes
+        await pg.execute("""
+            CREATE SEQUENCE rollbacks_seq;
+            CREATE FUNCTION roll_back_some() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('rollbacks_seq') <= 6 THEN
+                    RAISE EXCEPTION 'deadlock detected (test)' USING ERRCODE = '40P01';
+                END IF;
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER roll_back_some AFTER INSERT ON task_results
+                FOR EACH STATEMENT EXECUTE FUNCTION roll_back_some();
+        """)
+        await journal.ingest([done_task(f"d{i}") for i in range(4)])
+        sink = Sink(SinkSettings(dsn=dsn, max_delay=0.2, backoff_max=0.5), journal)
+        task = asyncio.create_task(sink.run())
+        try:
+            await wait_for(lambda: pg_count_at_least(dsn, 4), 20)
+        finally:
+            await sink.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert await pg.fetchval("SELECT nextval('rollbacks_seq')") > 6  # the trigger did roll batches back
+        assert sync_states(journal.path) == {f"d{i}": (SYNC_DONE, None) for i in range(4)}
 
 
 class TestUnavailable:
