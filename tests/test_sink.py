@@ -541,7 +541,7 @@ class TestPipeline:
 class TestRolledBack:
     async def test_deadlocks_retry_the_batch_instead_of_rejecting_rows(self, journal: Journal, dsn: str,
                                                                        pg: asyncpg.Connection) -> None:
-        """PostgreSQL rolling a batch back (deadlock_detected, 40P01) is nobody's data: the rows ship, none is rejected."""
+        """PostgreSQL rolling a batch back (deadlock_detected, 40P01) is no row's fault: all ship, none is rejected."""
         # the first 6 statements inserting into task_results are rolled back; a sequence counts
         # them, since nextval() is not undone by the rollback it causes
         await pg.execute("""
