@@ -51,5 +51,8 @@ bench: install services-up ## throughput and latency benchmarks, printed and wri
 bench-journal: install ## journal group commit vs one commit per task
 	$(PY) -m bench.bench_journal
 
+bench-sink: install services-up ## sink drain of a 100,000-row backlog vs one INSERT per row
+	$(PY) -m bench.bench_sink
+
 chaos: install services-up ## kill -9, broker restart, PostgreSQL outage, poison: nothing lost
 	$(PY) -m pytest tests/test_chaos.py -m chaos -s $(PYTEST_ARGS)
