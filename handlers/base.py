@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ecoworker.errors import ConfigError, PermanentError, Retry
 from ecoworker.registry import TaskContext
+from handlers.poolchild import exit_with
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -248,10 +249,13 @@ def _new_pool(settings: HandlerSettings) -> ProcessPoolExecutor:
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["handlers.images"])  # Pillow only: the children need no clients
+        # Pillow only (the children need no clients), and the children's initializer
+        context.set_forkserver_preload(["handlers.images", "handlers.poolchild"])
     return ProcessPoolExecutor(
         max_workers=settings.image_processes,
         mp_context=context,
+        initializer=exit_with,  # a child ends with its worker, even after kill -9
+        initargs=(os.getpid(),),
         max_tasks_per_child=200,  # bounds Pillow's memory fragmentation
     )
 
