@@ -43,6 +43,10 @@ _REPLAY_UPSERT = " ON CONFLICT (task_id) DO UPDATE SET " + ", ".join(
      # a task `wal drain` handed back to the broker may come back here: run it
      "OR task_wal.status = 'HANDED_OFF' "
      "RETURNING task_id")
+#: what the sink ships of a row, in this order (`unsynced_page` tuples, the staging table)
+UNSYNCED_COLUMNS = ("task_id", "task_name", "queue", "worker_name", "status", "args", "kwargs",
+                    "result", "error", "attempts", "created_at", "started_at", "completed_at")
+_COMPLETED_AT = UNSYNCED_COLUMNS.index("completed_at")
 _CLAIM_COLUMNS = (
     "task_id, task_name, queue, args, kwargs, attempts, max_retries, timeout, expires_at, retry_count"
 )
@@ -243,15 +247,10 @@ class Journal:
             "WHERE status = 'RUNNING' AND attempts - retry_count >= COALESCE(max_retries, ?) + 1"
         )
         requeue = "UPDATE task_wal SET status = 'PENDING', not_before = ? WHERE status = 'RUNNING'"
-        async with self._writing():
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                dead = (await self._db.execute(bury, (now, DL_OWED, default_max_retries))).rowcount
-                requeued = (await self._db.execute(requeue, (now,))).rowcount
-                await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
+        dead, requeued = await self._transaction(lambda db: (
+            db.execute(bury, (now, DL_OWED, default_max_retries)).rowcount,
+            db.execute(requeue, (now,)).rowcount,
+        ))
         pending = (await self.counts())["pending"]
         return Recovery(requeued=requeued, dead=dead, pending=pending)
 
@@ -284,12 +283,10 @@ class Journal:
     async def mark_sync_rejected(self, task_id: str, error: str, completed_at: float | None = None) -> None:
         sql = ("UPDATE task_wal SET synced_to_postgres = ?, sync_error = ? WHERE task_id = ? "
                "AND (? IS NULL OR completed_at IS ?)")
-        async with self._writing():
-            await self._db.execute(sql, (SYNC_REJECTED, error, task_id, completed_at, completed_at))
+        await self._write(sql, (SYNC_REJECTED, error, task_id, completed_at, completed_at))
 
     async def mark_dead_lettered(self, task_id: str) -> None:
-        async with self._writing():
-            await self._db.execute("UPDATE task_wal SET dl_state = ? WHERE task_id = ?", (DL_SENT, task_id))
+        await self._write("UPDATE task_wal SET dl_state = ? WHERE task_id = ?", (DL_SENT, task_id))
 
     async def requeue(self, statuses: Sequence[str], task_name: str | None = None,
                       since: float | None = None) -> int:
@@ -301,9 +298,7 @@ class Journal:
             f"WHERE status IN ({marks}) AND (? IS NULL OR task_name = ?) "
             "AND (? IS NULL OR completed_at >= ?)"
         )
-        async with self._writing():
-            cur = await self._db.execute(sql, (time.time(), *statuses, task_name, task_name, since, since))
-        return cur.rowcount
+        return await self._write(sql, (time.time(), *statuses, task_name, task_name, since, since))
 
     async def hand_off(self, task_ids: Sequence[str]) -> None:
         """`wal drain`: these tasks were republished to the broker; never run them here."""
@@ -320,17 +315,14 @@ class Journal:
             "error = 'marked failed by wal recover: RUNNING since ' || started_at "
             "WHERE status = 'RUNNING' AND started_at < ?"
         )
-        async with self._writing():
-            return (await self._db.execute(sql, (time.time(), DL_OWED, started_before))).rowcount
+        return await self._write(sql, (time.time(), DL_OWED, started_before))
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         """`PRAGMA wal_checkpoint(MODE)` → (busy, wal pages, checkpointed pages)."""
         mode = mode.upper()
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"checkpoint mode {mode!r}: use PASSIVE, FULL, RESTART or TRUNCATE")
-        async with self._writing():
-            rows = list(await self._db.execute_fetchall(f"PRAGMA wal_checkpoint({mode})"))
-        busy, log, done = rows[0]
+        busy, log, done = await self._run(lambda db: db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
         return int(busy), int(log), int(done)
 
     async def cleanup_old_tasks(self, days: float = 7, chunk: int = 1000) -> int:
@@ -343,8 +335,7 @@ class Journal:
         )
         deleted = 0
         while True:
-            async with self._writing():
-                n = (await self._db.execute(sql, (cutoff, chunk))).rowcount
+            n = await self._write(sql, (cutoff, chunk))
             deleted += n
             if n < chunk:
                 break
@@ -354,20 +345,14 @@ class Journal:
         return deleted
 
     async def incremental_vacuum(self, pages: int = 0) -> None:
-        async with self._writing():
-            await self._db.execute_fetchall(f"PRAGMA incremental_vacuum({int(pages)})")
+        await self._run(lambda db: db.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall())
 
     # ---------------------------------------------------------------- reads
 
-    async def unsynced(self, limit: int) -> list[aiosqlite.Row]:
-        """Terminal rows not yet in PostgreSQL, oldest first."""
-        db = await self.reader()
-        sql = (
-            "SELECT task_id, task_name, queue, worker_name, status, args, kwargs, result, error, "
-            "attempts, created_at, started_at, completed_at FROM task_wal "
-            f"WHERE synced_to_postgres = 0 AND status IN {TERMINAL_SQL} ORDER BY completed_at LIMIT ?"
-        )
-        return list(await db.execute_fetchall(sql, (limit,)))
+    async def unsynced(self, limit: int) -> list[dict[str, Any]]:
+        """Terminal rows not yet in PostgreSQL, oldest first (the first page the sink reads)."""
+        rows, _ = await self.unsynced_page(limit)
+        return [dict(zip(UNSYNCED_COLUMNS, r, strict=True)) for r in rows]
 
     async def owed_dead_letters(self, limit: int = 100) -> list[aiosqlite.Row]:
         db = await self.reader()
@@ -452,8 +437,7 @@ class Journal:
 
     async def start_task(self, task_id: str) -> None:
         sql = "UPDATE task_wal SET status = 'RUNNING', attempts = attempts + 1, started_at = ? WHERE task_id = ?"
-        async with self._writing():
-            await self._db.execute(sql, (time.time(), task_id))
+        await self._write(sql, (time.time(), task_id))
 
     async def complete_task(self, task_id: str, result: Any) -> None:
         await self.finish([Outcome(task_id, "SUCCESS", orjson.dumps(result).decode(),
@@ -461,11 +445,10 @@ class Journal:
 
     async def fail_task(self, task_id: str, error: str, retry_count: int = 0) -> None:
         sql = "UPDATE task_wal SET status = 'FAILURE', error = ?, retry_count = ?, completed_at = ? WHERE task_id = ?"
-        async with self._writing():
-            await self._db.execute(sql, (error, retry_count, time.time(), task_id))
+        await self._write(sql, (error, retry_count, time.time(), task_id))
 
     async def get_unsynced_tasks(self, limit: int = 1000) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self.unsynced(limit)]
+        return await self.unsynced(limit)
 
     async def recover_pending_tasks(self) -> list[dict[str, Any]]:
         db = await self.reader()
@@ -474,32 +457,27 @@ class Journal:
 
     # ---------------------------------------------------------------- helpers
 
-    @asynccontextmanager
-    async def _writing(self, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:
-        """The writer connection, exclusively. `durable` commits fsync the WAL (synchronous=FULL):
-        ingest, which every ack waits on. Later state changes commit at NORMAL: a process crash
-        cannot lose them, a power loss at worst runs a task again (DESIGN §3)."""
-        async with self._lock:
-            mode = "FULL" if durable else "NORMAL"
-            if self._sync_mode != mode:
-                await self._db.execute(f"PRAGMA synchronous = {mode}")
-                self._sync_mode = mode
-            yield self._db
+    async def _write(self, sql: str, params: Sequence[Any]) -> int:
+        """One autocommit statement on the writer; the rows it changed."""
+        return await self._run(lambda db: db.execute(sql, params).rowcount)
 
     async def _many(self, sql: str, ids: Sequence[str]) -> None:
         if ids:
             await self._transaction(lambda db: db.executemany(sql, [(i,) for i in ids]))
 
-    async def _transaction(self, work: Callable[[sqlite3.Connection], Any]) -> None:
+    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work` in one BEGIN IMMEDIATE … COMMIT, in one hop to SQLite's thread."""
-        await self._run(lambda db: _in_transaction(db, work))
+        return await self._run(lambda db: _in_transaction(db, work))
 
     async def _run(self, job: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
         """Run `job` on the writer connection inside SQLite's thread: one hop for a whole
         transaction instead of one per statement (the hops, not SQLite, dominated a profile).
+        Every write goes through here, one at a time (the lock).
 
-        aiosqlite's `_execute` is the primitive all its public methods are built on; the
-        lock keeps our jobs and `_writing()` users from interleaving."""
+        `durable` commits fsync the WAL (synchronous=FULL): ingest, which every ack waits on.
+        Later state changes commit at NORMAL: a process crash cannot lose them, a power loss at
+        worst runs a task again (DESIGN §3). aiosqlite's `_execute` is the primitive all its
+        public methods are built on."""
         async with self._lock:
             result: T = await self._db._execute(self._job, job, durable)  # type: ignore[no-untyped-call]
         return result
@@ -517,7 +495,7 @@ class Journal:
 
     async def unsynced_page(self, limit: int, after: tuple[float | None, str] | None = None
                             ) -> tuple[list[tuple[Any, ...]], tuple[float | None, str] | None]:
-        """Up to `limit` rows as `unsynced` returns them (as plain tuples), those after the cursor
+        """Up to `limit` unsynced terminal rows (tuples of UNSYNCED_COLUMNS), those after the cursor
         `after`, and the cursor for the next page (None when this page was the last one).
 
         The cursor is the last row's (completed_at, task_id): the sink reads its next batch
@@ -529,8 +507,7 @@ class Journal:
         elif after is not None:
             where, params = "AND (completed_at, task_id) > (?, ?) ", list(after)
         sql = (
-            "SELECT task_id, task_name, queue, worker_name, status, args, kwargs, result, error, "
-            "attempts, created_at, started_at, completed_at FROM task_wal "
+            f"SELECT {', '.join(UNSYNCED_COLUMNS)} FROM task_wal "
             f"WHERE synced_to_postgres = 0 AND status IN {TERMINAL_SQL} {where}"
             "ORDER BY completed_at, task_id LIMIT ?"  # idx_wal_unsynced, ties sorted by id
         )
@@ -542,13 +519,13 @@ class Journal:
 
         reader = await self.reader()
         rows: list[tuple[Any, ...]] = await reader._execute(read, reader._conn)  # type: ignore[no-untyped-call]
-        return rows, ((rows[-1][12], rows[-1][0]) if len(rows) == limit else None)
+        return rows, ((rows[-1][_COMPLETED_AT], rows[-1][0]) if len(rows) == limit else None)
 
 
 WALManager = Journal  # the seed's name
 
 
-def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], Any]) -> Any:
+def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
     db.execute("BEGIN IMMEDIATE")
     try:
         result = work(db)

@@ -27,14 +27,13 @@ import asyncpg
 from ecoworker import metrics, pgschema
 from ecoworker.aio import wait_event
 from ecoworker.errors import ConfigError
-from ecoworker.journal import Journal
+from ecoworker.journal import UNSYNCED_COLUMNS, Journal
 from ecoworker.registry import Registry
 from ecoworker.settings import SinkSettings
 
 log = logging.getLogger("ecoworker.sink")
 
-STAGING_COLUMNS = ("task_id", "task_name", "queue", "worker_name", "status", "args", "kwargs",
-                   "result", "error", "attempts", "created_at", "started_at", "completed_at")
+STAGING_COLUMNS = UNSYNCED_COLUMNS  # the journal's page tuples are COPY records as they are
 COMPLETED_AT = STAGING_COLUMNS.index("completed_at")
 # JSON columns are jsonb already here: COPY parses them, which costs less than a ::jsonb cast in
 # the INSERT … SELECT (COPY + insert of 5,000 rows: 115 → 75 ms in a profile)

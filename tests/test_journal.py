@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import sqlite3
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -808,19 +809,16 @@ class TestReader:
     async def test_reads_do_not_wait_for_the_writer(self, journal: Journal) -> None:
         """While the writer holds an open transaction, reads answer at once with the committed state."""
         await journal.ingest([task("committed")])
-        inside, release = asyncio.Event(), asyncio.Event()
+        inside, release = threading.Event(), threading.Event()
 
-        async def hold() -> None:
-            async with journal._writing() as db:
-                await db.execute("BEGIN IMMEDIATE")
-                await db.execute("INSERT INTO task_wal (task_id, task_name, worker_name, status, not_before) "
-                                 "VALUES ('uncommitted', 'demo.task', 'w1', 'PENDING', 1)")
-                inside.set()
-                await release.wait()
-                await db.execute("COMMIT")
+        def hold(db: sqlite3.Connection) -> None:  # in the writer's thread, inside BEGIN IMMEDIATE
+            db.execute("INSERT INTO task_wal (task_id, task_name, worker_name, status, not_before) "
+                       "VALUES ('uncommitted', 'demo.task', 'w1', 'PENDING', 1)")
+            inside.set()
+            release.wait(10)
 
-        writer = asyncio.create_task(hold())
-        await asyncio.wait_for(inside.wait(), 5)
+        writer = asyncio.create_task(journal._transaction(hold))
+        assert await asyncio.to_thread(inside.wait, 5)
         try:
             assert (await asyncio.wait_for(journal.counts(), 2))["pending"] == 1
             assert (await asyncio.wait_for(journal.get_stats(), 2))["by_status"] == {"PENDING": 1}
