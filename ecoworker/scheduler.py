@@ -76,8 +76,7 @@ class Scheduler:
             if len(picked) >= free:
                 break
             spec = self.registry.get(name)
-            if spec is None or (spec.concurrency is not None
-                                and self._per_task[name] + self._reserved_for[name] >= spec.concurrency):
+            if spec is None or self._at_limit(spec):
                 continue
             self._reserved_for[name] += 1
             picked.append(i)
@@ -131,15 +130,15 @@ class Scheduler:
                 try:
                     claimed = await self.journal.claim(time.time(), ask, self._saturated())
                 except Exception as exc:  # e.g. disk full: keep the loop alive, try again
-                    self._reserved -= ask
                     log.error("could not claim due tasks: %s; retrying in 1s", exc)
+                    self._reserved -= ask
                     await asyncio.sleep(1)
                     continue
                 self._reserved -= ask
-                self._backlog = len(claimed) == min(free, MAX_CLAIM)
+                self._backlog = len(claimed) == ask  # a full claim may have left due rows behind
                 for row in claimed:
                     self._start(row)
-            if claimed and len(claimed) == min(free, MAX_CLAIM):
+            if claimed and self._backlog:
                 await asyncio.sleep(0)  # more may be due: claim again after letting others run
                 continue
             await self._sleep_until_due(free > 0)
@@ -154,13 +153,16 @@ class Scheduler:
             await wait_event(self._wake, timeout)
 
     def _saturated(self) -> list[str]:
-        return [s.name for s in self.registry if s.concurrency is not None
-                and self._per_task[s.name] + self._reserved_for[s.name] >= s.concurrency]
+        return [s.name for s in self.registry if self._at_limit(s)]
+
+    def _at_limit(self, spec: TaskSpec) -> bool:
+        """This task's own concurrency limit is taken (running plus promised to the consumer)."""
+        taken = self._per_task[spec.name] + self._reserved_for[spec.name]
+        return spec.concurrency is not None and taken >= spec.concurrency
 
     def _start(self, row: ClaimedTask) -> None:
         spec = self.registry.get(row.task_name)
-        if (spec is not None and spec.concurrency is not None
-                and self._per_task[spec.name] + self._reserved_for[spec.name] >= spec.concurrency):
+        if spec is not None and self._at_limit(spec):
             # claimed past this task's own limit: hand it back unrun, uncounted
             self._record(Outcome(row.task_id, "PENDING", not_before=time.time(), attempts_inc=-1), False)
             return
