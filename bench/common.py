@@ -23,13 +23,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+from aio_pika.abc import AbstractChannel
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_ROOT = REPO / ".bench-tmp"
@@ -251,24 +252,21 @@ async def wait_depth(channel: aio_pika.abc.AbstractChannel, name: str, n: int, w
 async def delete_queues(url: str, queues: Iterable[str], exchanges: Iterable[str] = ()) -> None:
     """Delete the benchmark's own queues (and `<queue>.dead`) and exchanges; nothing else."""
     conn = await aio_pika.connect(url)
+
+    async def quietly(delete: Callable[[AbstractChannel], Awaitable[Any]]) -> None:
+        ch = await conn.channel()  # a failed delete closes its channel: one channel each
+        try:
+            await delete(ch)
+        except Exception:  # absent already
+            pass
+        if not ch.is_closed:
+            await ch.close()
+
     try:
-        for name in queues:
-            for q in (name, f"{name}.dead"):
-                ch = await conn.channel()
-                try:
-                    await ch.queue_delete(q)
-                except Exception:  # absent already
-                    pass
-                if not ch.is_closed:
-                    await ch.close()
+        for q in [n for name in queues for n in (name, f"{name}.dead")]:
+            await quietly(lambda ch, q=q: ch.queue_delete(q))
         for name in exchanges:
-            ch = await conn.channel()
-            try:
-                await ch.exchange_delete(name)
-            except Exception:  # absent already
-                pass
-            if not ch.is_closed:
-                await ch.close()
+            await quietly(lambda ch, name=name: ch.exchange_delete(name))
     finally:
         await conn.close()
 
