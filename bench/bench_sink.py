@@ -225,10 +225,10 @@ async def run_baseline(admin: str, journal_path: Path, rows: int) -> float:
         conn = await asyncpg.connect(dsn)
         try:
             start = time.perf_counter()
-            batch = await journal.unsynced(rows)
+            batch, _ = await journal.unsynced_page(rows)  # tuples in UNSYNCED_COLUMNS order
             for r in batch:
-                await conn.execute(BASELINE_UPSERT, *tuple(r))
-            await journal.mark_synced([r["task_id"] for r in batch])
+                await conn.execute(BASELINE_UPSERT, *r)
+            await journal.mark_synced([r[0] for r in batch])
             seconds = time.perf_counter() - start
         finally:
             await conn.close()
