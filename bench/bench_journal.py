@@ -9,6 +9,9 @@ and the median counts. The file system, a raw fsync probe in the same directory
 and `PRAGMA synchronous` read on the writer during every trial are printed, so
 the figures can be read as "what a durable commit costs here".
 
+Rows get sequential ids, except in the "uuid4 ids" mode: random ids (what Celery
+sends) land all over the primary-key index, so each commit writes more pages.
+
 A control row (one commit per task at synchronous=NORMAL, which never fsyncs
 a WAL commit) shows how much of the single-commit cost is the fsync; it is not
 a durability mode ecoworker uses for ingest and is left out of the ratios.
@@ -27,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,7 @@ class Mode:
     batch: int
     rows: int
     synchronous: str = "FULL"  # what the trial runs at; FULL is what ingest uses
+    uuid_ids: bool = False  # random ids (Celery's uuid4) scatter index writes; the default is sequential
 
     @property
     def control(self) -> bool:
@@ -110,12 +115,13 @@ def fsync_probe(directory: Path, count: int = 200) -> dict[str, float]:
 
 # ---------------------------------------------------------------- one trial
 
-def make_rows(prefix: str, n: int) -> list[NewTask]:
-    """`n` rows shaped like a real delivery (an S3 upload with a few kwargs)."""
+def make_rows(prefix: str, n: int, uuid_ids: bool = False) -> list[NewTask]:
+    """`n` rows shaped like a real delivery (an S3 upload with a few kwargs), with ids
+    `prefix-00000001`… or, with `uuid_ids`, random uuid4 strings as Celery makes them."""
     now = time.time()
     kwargs = orjson.dumps({"bucket": "ecoworker-uploads", "content_type": "image/jpeg"}).decode()
     return [
-        NewTask(f"{prefix}-{i:08d}", "upload_to_s3", "bench-worker", "storage",
+        NewTask(str(uuid.uuid4()) if uuid_ids else f"{prefix}-{i:08d}", "upload_to_s3", "bench-worker", "storage",
                 orjson.dumps([f"/srv/uploads/{i:08d}.jpg", f"images/{i:08d}.jpg"]).decode(), kwargs,
                 max_retries=3, created_at=now, not_before=now)
         for i in range(n)
@@ -130,7 +136,7 @@ def remove_journal(path: Path) -> None:
 
 async def run_trial(directory: Path, mode: Mode, repeat: int) -> Trial:
     path = directory / f"{mode.name.replace(' ', '-')}-{repeat}.db"
-    rows = make_rows(f"{mode.name}-{repeat}", mode.rows)
+    rows = make_rows(f"{mode.name}-{repeat}", mode.rows, mode.uuid_ids)
     batches = [rows[i:i + mode.batch] for i in range(0, len(rows), mode.batch)]
     async with Journal.open(path) as journal:
         writer = journal._db  # synchronous is per connection: set and read it on the writer itself
@@ -153,6 +159,7 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         Mode("group x1000", 1000, args.rows),  # the largest batch ingest takes (ECOWORKER_INGEST_BATCH_MAX)
         Mode("group x500", 500, args.rows),  # the default batch cap
         Mode("group x100", 100, args.rows),
+        Mode("x500 uuid4 ids", 500, args.rows, uuid_ids=True),
         Mode("single", 1, args.single_rows),
         Mode("single NORMAL", 1, args.single_rows, synchronous="NORMAL"),
     ]

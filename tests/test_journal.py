@@ -18,6 +18,7 @@ import aiosqlite
 import orjson
 import pytest
 
+from ecoworker import journal as journal_module
 from ecoworker import schema
 from ecoworker.errors import JournalError
 from ecoworker.journal import ClaimedTask, Journal, NewTask, Outcome, Recovery, WALManager
@@ -303,6 +304,35 @@ class TestIngest:
         stored = await row(journal, "x")
         for name in schema.INGEST_COLUMNS:
             assert stored[name] == getattr(full, name), name
+
+    async def test_a_lean_row_gets_the_defaults_it_left_out(self, journal: Journal) -> None:
+        """A row leaving error, expiry, raw body … at their defaults is inserted naming only the
+        other columns; what SQLite fills in equals NewTask's defaults, column by column."""
+        lean = task("x", status="RUNNING", attempts=1, started_at=20.0)
+        assert journal_module._is_lean(lean)
+        await journal.ingest([lean])
+        stored = await row(journal, "x")
+        for name in schema.INGEST_COLUMNS:
+            assert stored[name] == getattr(lean, name), name
+
+    async def test_a_batch_of_lean_and_full_rows(self, journal: Journal) -> None:
+        """Lean and full rows in one batch are each stored whole, one commit for both shapes;
+        known ids of either shape are not reported new, and of an id given twice the first copy
+        wins whatever its shape."""
+        await journal.ingest([task("old-lean"), task("old-full", timeout=3.0)])
+        full = {"error": "bad", "expires_at": 99.0, "timeout": 5.0, "dl_state": schema.DL_OWED,
+                "raw_body": b"\x00raw", "raw_headers": '{"h": 1}', "retry_count": 2, "replays": 0}
+        batch = [task("l1"), task("f1", **full), task("old-lean", timeout=1.0), task("l2", args='["x"]'),
+                 task("old-full"), task("twice", args='["first"]'), task("twice", args='["second"]', timeout=9.0),
+                 task("f2", status="EXPIRED", completed_at=50.0, error="expired")]
+        assert not all(journal_module._is_lean(r) for r in batch) and any(map(journal_module._is_lean, batch))
+        assert await journal.ingest(batch) == {"l1", "f1", "l2", "twice", "f2"}
+        for expected in (batch[0], batch[1], batch[3], batch[5], batch[7]):
+            stored = await row(journal, expected.task_id)
+            for name in schema.INGEST_COLUMNS:
+                assert stored[name] == getattr(expected, name), (expected.task_id, name)
+        assert (await row(journal, "old-lean"))["timeout"] is None  # a duplicate changes nothing
+        assert query(journal.path, "SELECT count(*) FROM task_wal") == [(7,)]
 
     async def test_ingest_is_committed_on_return(self, journal: Journal) -> None:
         """Once ingest returns, another connection sees the rows (the batch is committed)."""
