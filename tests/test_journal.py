@@ -450,6 +450,16 @@ class TestFinish:
         assert await journal.claim(now=499.0, limit=1) == []
         assert [c.attempts for c in await journal.claim(now=500.0, limit=1)] == [2]
 
+    async def test_success_after_a_retry_clears_its_error(self, journal: Journal) -> None:
+        """The error a failed attempt left on the row is gone once a later attempt succeeds."""
+        await journal.ingest([task("a")])
+        await journal.claim(now=150.0, limit=1)
+        await journal.finish([Outcome("a", "PENDING", error="timeout", not_before=151.0, retry_inc=1)])
+        await journal.claim(now=151.0, limit=1)
+        await journal.finish([Outcome("a", "SUCCESS", result="1", completed_at=160.0)])
+        a = await row(journal, "a")
+        assert (a["status"], a["error"], a["retry_count"], a["attempts"]) == ("SUCCESS", None, 1, 2)
+
     async def test_release_gives_the_attempt_back(self, journal: Journal) -> None:
         """A release (shutdown, per-task limit) returns the row to PENDING with attempts-1."""
         await journal.ingest([task("a", attempts=1)])
@@ -469,6 +479,37 @@ class TestFinish:
         ])
         statuses = {r["task_id"]: r["status"] for r in await journal.list_tasks()}
         assert statuses == {"a": "SUCCESS", "b": "EXPIRED", "c": "PENDING"}
+
+    async def test_a_batch_larger_than_a_chunk_of_every_shape(self, journal: Journal) -> None:
+        """More outcomes than one statement takes (FINISH_CHUNK), plain successes mixed with
+        retries, releases, failures and expiries: every row ends exactly as its own outcome says,
+        the padding rows change nothing, and of two outcomes for one row the first applies."""
+        n = journal_module.FINISH_CHUNK + 45
+        await journal.ingest([task(f"t{i:04d}") for i in range(n)] + [task("bystander")])
+        assert len(await journal.claim(now=150.0, limit=n)) == n  # "bystander" stays PENDING
+        outcomes, expected = [], {}
+        for i in range(n):
+            tid = f"t{i:04d}"
+            kind = i % 5
+            if kind < 2:
+                outcomes.append(Outcome(tid, "SUCCESS", result=f'{{"i": {i}}}', completed_at=200.0 + i))
+                expected[tid] = ("SUCCESS", f'{{"i": {i}}}', None, 200.0 + i, LONG_AGO, 0, 1, 0)
+            elif kind == 2:
+                outcomes.append(Outcome(tid, "PENDING", error="later", not_before=900.0 + i, retry_inc=1))
+                expected[tid] = ("PENDING", None, "later", None, 900.0 + i, 1, 1, 0)
+            elif kind == 3:
+                outcomes.append(Outcome(tid, "PENDING", not_before=150.0, attempts_inc=-1))
+                expected[tid] = ("PENDING", None, None, None, 150.0, 0, 0, 0)
+            else:
+                outcomes.append(Outcome(tid, "FAILURE", error=f"bad {i}", completed_at=300.0 + i,
+                                        dl_state=schema.DL_OWED))
+                expected[tid] = ("FAILURE", None, f"bad {i}", 300.0 + i, LONG_AGO, 0, 1, schema.DL_OWED)
+        outcomes.append(Outcome("t0000", "FAILURE", error="second outcome", completed_at=1.0))
+        await journal.finish(outcomes)
+        got = {r[0]: r[1:] for r in query(journal.path, "SELECT task_id, status, result, error, completed_at, "
+                                          "not_before, retry_count, attempts, dl_state FROM task_wal")}
+        assert got.pop("bystander") == ("PENDING", None, None, None, LONG_AGO, 0, 0, 0)
+        assert got == expected
 
     async def test_leaves_a_row_that_is_no_longer_running(self, journal: Journal) -> None:
         """An outcome arriving after `wal drain` handed the row off does not overwrite the hand-off."""
