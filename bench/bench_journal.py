@@ -10,7 +10,8 @@ and `PRAGMA synchronous` read on the writer during every trial are printed, so
 the figures can be read as "what a durable commit costs here".
 
 Rows get sequential ids, except in the "uuid4 ids" mode: random ids (what Celery
-sends) land all over the primary-key index, so each commit writes more pages.
+sends) land all over the primary-key index, so each commit writes more pages;
+"uuid7 ids" are the time-ordered ids ecoworker.client makes.
 
 A control row (one commit per task at synchronous=NORMAL, which never fsyncs
 a WAL commit) shows how much of the single-commit cost is the fsync; it is not
@@ -38,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from ecoworker.client import new_task_id
 from ecoworker.journal import Journal, NewTask
 
 
@@ -47,7 +49,7 @@ class Mode:
     batch: int
     rows: int
     synchronous: str = "FULL"  # what the trial runs at; FULL is what ingest uses
-    uuid_ids: bool = False  # random ids (Celery's uuid4) scatter index writes; the default is sequential
+    ids: str = "sequential"  # or "uuid4" (Celery's random ids) or "uuid7" (ecoworker.client's)
 
     @property
     def control(self) -> bool:
@@ -115,13 +117,15 @@ def fsync_probe(directory: Path, count: int = 200) -> dict[str, float]:
 
 # ---------------------------------------------------------------- one trial
 
-def make_rows(prefix: str, n: int, uuid_ids: bool = False) -> list[NewTask]:
+def make_rows(prefix: str, n: int, ids: str = "sequential") -> list[NewTask]:
     """`n` rows shaped like a real delivery (an S3 upload with a few kwargs), with ids
-    `prefix-00000001`… or, with `uuid_ids`, random uuid4 strings as Celery makes them."""
+    `prefix-00000001`…, random uuid4 strings as Celery makes them, or time-ordered uuid7."""
     now = time.time()
+    make_id = {"sequential": lambda i: f"{prefix}-{i:08d}", "uuid4": lambda i: str(uuid.uuid4()),
+               "uuid7": lambda i: new_task_id()}[ids]
     kwargs = orjson.dumps({"bucket": "ecoworker-uploads", "content_type": "image/jpeg"}).decode()
     return [
-        NewTask(str(uuid.uuid4()) if uuid_ids else f"{prefix}-{i:08d}", "upload_to_s3", "bench-worker", "storage",
+        NewTask(make_id(i), "upload_to_s3", "bench-worker", "storage",
                 orjson.dumps([f"/srv/uploads/{i:08d}.jpg", f"images/{i:08d}.jpg"]).decode(), kwargs,
                 max_retries=3, created_at=now, not_before=now)
         for i in range(n)
@@ -136,7 +140,7 @@ def remove_journal(path: Path) -> None:
 
 async def run_trial(directory: Path, mode: Mode, repeat: int) -> Trial:
     path = directory / f"{mode.name.replace(' ', '-')}-{repeat}.db"
-    rows = make_rows(f"{mode.name}-{repeat}", mode.rows, mode.uuid_ids)
+    rows = make_rows(f"{mode.name}-{repeat}", mode.rows, mode.ids)
     batches = [rows[i:i + mode.batch] for i in range(0, len(rows), mode.batch)]
     async with Journal.open(path) as journal:
         writer = journal._db  # synchronous is per connection: set and read it on the writer itself
@@ -159,7 +163,8 @@ async def bench(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         Mode("group x1000", 1000, args.rows),  # the largest batch ingest takes (ECOWORKER_INGEST_BATCH_MAX)
         Mode("group x500", 500, args.rows),  # the default batch cap
         Mode("group x100", 100, args.rows),
-        Mode("x500 uuid4 ids", 500, args.rows, uuid_ids=True),
+        Mode("x500 uuid4 ids", 500, args.rows, ids="uuid4"),
+        Mode("x500 uuid7 ids", 500, args.rows, ids="uuid7"),
         Mode("single", 1, args.single_rows),
         Mode("single NORMAL", 1, args.single_rows, synchronous="NORMAL"),
     ]
