@@ -219,8 +219,10 @@ class TestJournalWriteErrors:
                 await asyncio.sleep(0.5)
             assert w.alive, w.log_text()[-3000:]
             failures = w.log_text().count("journal write failed")
-            # every second without a back-off; 1, 2, 4, 8 s apart with it
-            assert 1 <= failures <= 6, f"{failures} failed writes in ~12 s:\n" + w.log_text()[-3000:]
+            # every second without a back-off (12 here, measured); 1, 2, 4, 8 s apart with it. A write
+            # can succeed in between (a checkpoint let SQLite reuse the WAL from its start, which
+            # grows no file), and a success rightly resets the back-off: 7 was seen once, so 8
+            assert 1 <= failures <= 8, f"{failures} failed writes in ~12 s:\n" + w.log_text()[-3000:]
             assert any("journal not writable" in r for r in reasons), reasons
             assert max(depths) > 0, "the rest must wait in the broker"
 

@@ -334,6 +334,29 @@ class TestIngest:
         assert (await row(journal, "old-lean"))["timeout"] is None  # a duplicate changes nothing
         assert query(journal.path, "SELECT count(*) FROM task_wal") == [(7,)]
 
+    def test_batches_are_cut_into_few_statement_sizes(self) -> None:
+        """Every batch size from 1 to 1000 is cut into power-of-two pieces that cover it exactly,
+        so only 11 statement texts per shape are ever compiled (one per size was up to 1000)."""
+        sizes_seen: set[int] = set()
+        for n in range(1, 1001):
+            statements = journal_module._ingest_statements([task(f"t{i}") for i in range(n)])
+            sizes = [len(params) // len(journal_module.LEAN_COLUMNS) for _, params in statements]
+            assert sum(sizes) == n and sizes == sorted(sizes, reverse=True), n
+            assert all(size & (size - 1) == 0 for size in sizes), sizes
+            sizes_seen.update(sizes)
+        assert sizes_seen == {2 ** k for k in range(10)}
+
+    async def test_every_batch_size_lands_whole(self, journal: Journal) -> None:
+        """Batches of many sizes, cut into several statements, insert every row once and report
+        exactly the new ones, a known id in a later piece included."""
+        total = 0
+        for n in (1, 3, 7, 100, 255, 257, 500, 999):
+            batch = [task(f"n{n}-{i}") for i in range(n)] + [task("n1-0")]  # last: known (or a repeat)
+            new = await journal.ingest(batch)
+            assert new == {f"n{n}-{i}" for i in range(n)}
+            total += n
+        assert query(journal.path, "SELECT count(*) FROM task_wal") == [(total,)]
+
     async def test_ingest_is_committed_on_return(self, journal: Journal) -> None:
         """Once ingest returns, another connection sees the rows (the batch is committed)."""
         await journal.ingest([task(f"t{i}") for i in range(50)])
