@@ -51,6 +51,7 @@ class Scheduler:
         self._reserved = 0  # slots promised to the consumer for rows it journals as RUNNING
         self._reserved_for: Counter[str] = Counter()  # … of them, per task name
         self._backlog = True  # the last claim may have left due rows behind
+        metrics.IN_FLIGHT.set_function(lambda: len(self._running))  # read at scrape, not set per task
 
     def wake(self) -> None:
         self._wake.set()
@@ -169,7 +170,6 @@ class Scheduler:
         self._per_task[row.task_name] += 1
         task = asyncio.create_task(self._execute(row, spec), name=f"task:{row.task_id}")
         self._running[row.task_id] = task
-        metrics.IN_FLIGHT.set(len(self._running))
 
     # ------------------------------------------------------------ one task
 
@@ -186,7 +186,6 @@ class Scheduler:
         finally:
             self._per_task[row.task_name] -= 1
             self._running.pop(row.task_id, None)
-            metrics.IN_FLIGHT.set(len(self._running))
             if outcome is not None:
                 _seconds(row.task_name).observe(time.monotonic() - started)
                 _finished(row.task_name, _label(outcome)).inc()
