@@ -591,33 +591,45 @@ class Journal:
 
     # ---------------------------------------------------------------- the sink's paged read
 
-    async def unsynced_page(self, limit: int, after: tuple[float | None, str] | None = None
-                            ) -> tuple[list[tuple[Any, ...]], tuple[float | None, str] | None]:
+    async def unsynced_page(self, limit: int, after: tuple[float | None, int] | None = None
+                            ) -> tuple[list[tuple[Any, ...]], tuple[float | None, int] | None]:
         """Up to `limit` unsynced terminal rows (tuples of UNSYNCED_COLUMNS), those after the cursor
         `after`, and the cursor for the next page (None when this page was the last one).
 
-        The cursor is the last row's (completed_at, task_id): the sink reads its next batch
-        while earlier ones, still unsynced, are being shipped."""
+        The cursor is the last row's (completed_at, rowid): the sink reads its next batch while
+        earlier ones, still unsynced, are being shipped. idx_wal_unsynced holds rows in exactly
+        that order (an index entry ends with the rowid), so a page needs no sort (ordering ties by
+        task id sorted every page: 30 % slower in raw sqlite3)."""
         where = ""
         params: list[Any] = []
         if after is not None and after[0] is None:  # NULL sorts first: past those, every dated row
-            where, params = "AND (completed_at IS NOT NULL OR task_id > ?) ", [after[1]]
+            where, params = "AND (completed_at IS NOT NULL OR rowid > ?) ", [after[1]]
         elif after is not None:
-            where, params = "AND (completed_at, task_id) > (?, ?) ", list(after)
+            where, params = "AND (completed_at, rowid) > (?, ?) ", list(after)
         sql = (
             f"SELECT {', '.join(UNSYNCED_COLUMNS)} FROM task_wal "
             f"WHERE synced_to_postgres = 0 AND status IN {TERMINAL_SQL} {where}"
-            "ORDER BY completed_at, task_id LIMIT ?"  # idx_wal_unsynced, ties sorted by id
+            "ORDER BY completed_at, rowid LIMIT ?"
         )
 
-        def read(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        def read(db: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], tuple[float | None, int] | None]:
             cursor = db.cursor()
             cursor.row_factory = None  # tuples, not Row objects the caller would copy again
-            return cursor.execute(sql, [*params, limit]).fetchall()
+            cursor.execute("BEGIN")  # the page and its last row's rowid from one snapshot
+            try:
+                rows = cursor.execute(sql, [*params, limit]).fetchall()
+                if len(rows) < limit:
+                    return rows, None
+                (rowid,) = cursor.execute("SELECT rowid FROM task_wal WHERE task_id = ?",
+                                          (rows[-1][0],)).fetchone()
+                return rows, (rows[-1][_COMPLETED_AT], rowid)
+            finally:
+                cursor.execute("COMMIT")
 
         reader = await self.reader()
-        rows: list[tuple[Any, ...]] = await reader._execute(read, reader._conn)  # type: ignore[no-untyped-call]
-        return rows, ((rows[-1][_COMPLETED_AT], rows[-1][0]) if len(rows) == limit else None)
+        page: tuple[list[tuple[Any, ...]], tuple[float | None, int] | None] = await reader._execute(
+            read, reader._conn)  # type: ignore[no-untyped-call]
+        return page
 
 
 WALManager = Journal  # the seed's name

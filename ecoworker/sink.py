@@ -155,13 +155,13 @@ class Sink:
         Up to `pool_size` batches are in PostgreSQL and one more is being marked or waits, and
         the next page is read meanwhile: the reading (the journal's reader thread), the shipping
         (PostgreSQL) and the marking (the journal's writer thread) overlap. Pages follow a
-        (completed_at, task_id) cursor, so a batch in flight is not read again, while a row that
+        (completed_at, rowid) cursor, so a batch in flight is not read again, while a row that
         changes meanwhile comes again later. If a batch fails, the others in flight end (shipped
         and marked, or not) before its error is raised; if the pass is cancelled, so are they."""
         self._hint = 0
         in_flight: set[asyncio.Task[int]] = set()
         shipped = 0
-        after: tuple[float | None, str] | None = None
+        after: tuple[float | None, int] | None = None
         try:
             while True:
                 records, after = await self.journal.unsynced_page(self.settings.batch_size, after)

@@ -36,7 +36,7 @@ from tests.workers import REPO, env_for_worker, free_port, fresh_database, journ
 
 T0 = 1_700_000_000.0  # a fixed epoch second for created/started/completed timestamps
 Record = tuple[Any, ...]  # a row as Journal.unsynced_page returns it
-Cursor = tuple[float | None, str]  # (completed_at, task_id) of the last row of a page
+Cursor = tuple[float | None, int]  # (completed_at, rowid) of the last row of a page
 
 
 # ------------------------------------------------------------------ PostgreSQL helpers
