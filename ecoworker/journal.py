@@ -18,7 +18,7 @@ from functools import lru_cache
 from itertools import chain
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import orjson
@@ -95,6 +95,27 @@ _defaulted_values = attrgetter(*_DEFAULTED)
 _DEFAULT_VALUES = tuple(_DEFAULTED.values())
 _row_values = attrgetter(*_NEW_TASK_FIELDS)  # a row's values as a tuple, in C
 _lean_values = attrgetter(*LEAN_COLUMNS)
+
+
+class _HasTaskId(Protocol):
+    @property
+    def task_id(self) -> str: ...
+
+
+_WithId = TypeVar("_WithId", bound=_HasTaskId)
+
+
+def _first_per_id(items: Sequence[_WithId]) -> Sequence[_WithId]:
+    """`items` without the later ones of a repeated task id (most batches have none)."""
+    if len({item.task_id for item in items}) == len(items):
+        return items
+    seen: set[str] = set()
+    first = []
+    for item in items:
+        if item.task_id not in seen:
+            seen.add(item.task_id)
+            first.append(item)
+    return first
 
 
 def _is_lean(row: NewTask) -> bool:
@@ -282,10 +303,8 @@ class Journal:
         """
         if not rows:
             return set()
-        if not all(map(_is_lean, rows)) and len({r.task_id for r in rows}) < len(rows):
-            # shapes are inserted apart: keep the first copy of an id, as one statement would
-            seen: set[str] = set()
-            rows = [r for r in rows if r.task_id not in seen and not seen.add(r.task_id)]  # type: ignore[func-returns-value]
+        if not all(map(_is_lean, rows)):  # shapes are inserted apart: the first copy of an id
+            rows = _first_per_id(rows)      # wins, as it would in one statement
         statements = _ingest_statements(rows)
         if len(statements) == 1:  # autocommit: the statement is its own transaction
             [(sql, params)] = statements
@@ -323,9 +342,7 @@ class Journal:
         plain successes, the usual outcome, bind 3 values instead of 9."""
         if not outcomes:
             return
-        if len({o.task_id for o in outcomes}) < len(outcomes):  # the first outcome of a row applies
-            seen: set[str] = set()
-            outcomes = [o for o in outcomes if o.task_id not in seen and not seen.add(o.task_id)]  # type: ignore[func-returns-value]
+        outcomes = _first_per_id(outcomes)  # the first outcome of a row applies, as row by row
         success = [o for o in outcomes if _is_plain_success(o)]
         other = [o for o in outcomes if not _is_plain_success(o)] if len(success) < len(outcomes) else []
         statements = [*_finish_statements(success, lean=True), *_finish_statements(other, lean=False)]
