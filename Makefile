@@ -24,9 +24,9 @@ services-up: ## start RabbitMQ, PostgreSQL and S3 (moto) on private loopback por
 services-down: ## stop what services-up started
 	bash $(STACK) down
 
-# A test that fails and then passes on its one rerun shows as R in the summary ("rerun" count):
+# A test that fails and then passes on its one rerun shows as R in the summary ("rerun" count; -rR names it at the end):
 # on this shared 2-core machine that is timing noise far more often than a bug, but look at it.
-RERUNS ?= --reruns 1 --reruns-delay 2
+RERUNS ?= --reruns 1 --reruns-delay 2 -rR
 
 test: install services-up ## the whole test suite against the local stack (what CI runs)
 	$(PY) -m pytest $(RERUNS) $(PYTEST_ARGS)
