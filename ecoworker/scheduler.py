@@ -30,6 +30,25 @@ MAX_CLAIM = 500
 MAX_ERROR = 4000
 
 
+class FailureLog:
+    """Logs a retried journal operation once when it starts failing and once when it works
+    again, instead of every second while it fails (a full disk can last hours)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.error("could not %s: %s; retrying every second (logged again once it works)", self.what, exc)
+
+    def worked(self) -> None:
+        if self.failures:
+            log.info("could %s again after %d failed attempt(s)", self.what, self.failures)
+            self.failures = 0
+
+
 class Scheduler:
     """Claims due rows, runs their handlers, records outcomes."""
 
@@ -51,6 +70,8 @@ class Scheduler:
         self._reserved = 0  # slots promised to the consumer for rows it journals as RUNNING
         self._reserved_for: Counter[str] = Counter()  # … of them, per task name
         self._backlog = True  # the last claim may have left due rows behind
+        self._claim_failures = FailureLog("claim due tasks from the journal")
+        self._finish_failures = FailureLog("journal task outcomes")
         metrics.IN_FLIGHT.set_function(lambda: len(self._running))  # read at scrape, not set per task
 
     def wake(self) -> None:
@@ -131,10 +152,11 @@ class Scheduler:
                 try:
                     claimed = await self.journal.claim(time.time(), ask, self._saturated())
                 except Exception as exc:  # e.g. disk full: keep the loop alive, try again
-                    log.error("could not claim due tasks: %s; retrying in 1s", exc)
+                    self._claim_failures.failed(exc)
                     self._reserved -= ask
                     await asyncio.sleep(1)
                     continue
+                self._claim_failures.worked()
                 self._reserved -= ask
                 self._backlog = len(claimed) == ask  # a full claim may have left due rows behind
                 for row in claimed:
@@ -267,10 +289,11 @@ class Scheduler:
             try:
                 await asyncio.shield(self.journal.finish(batch))
             except Exception as exc:
-                log.error("could not journal %d outcome(s): %s; retrying", len(batch), exc)
+                self._finish_failures.failed(exc)
                 self._outcomes[:0] = batch
                 await asyncio.sleep(1)
                 continue
+            self._finish_failures.worked()
             self.on_finished(batch, urgent)
             if any(o.status == "PENDING" for o in batch):
                 self._backlog = True
