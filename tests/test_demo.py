@@ -12,17 +12,11 @@ from typing import Any
 
 import asyncpg
 
+from tests.workers import process_alive
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("/tmp/ecoworker-demo")
 TASK_TYPES = {"upload_to_s3", "process_image", "classify_waste_image", "chat_with_llm", "extract_text_from_image"}
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def demo(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -54,7 +48,7 @@ def test_short_demo_succeeds_and_down_stops_it(stack_env: dict[str, str]) -> Non
         last = json.loads((DEMO_DIR / "last-run.json").read_text())
         ids = [t["id"] for t in last["tasks"]]
         assert last["ok"] is True and len(ids) == len(set(ids))
-        assert {"storage", "ai"} <= set(last["pids"]) and all(alive(p) for p in last["pids"].values())
+        assert {"storage", "ai"} <= set(last["pids"]) and all(process_alive(p) for p in last["pids"].values())
 
         rows = asyncio.run(fetch_results(stack_env["POSTGRES_DSN"], ids))
         assert set(rows) == set(ids), "some published tasks are missing from task_results"
@@ -68,5 +62,5 @@ def test_short_demo_succeeds_and_down_stops_it(stack_env: dict[str, str]) -> Non
     finally:
         down = demo("--down", env=env, timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert pids and not [p for p in pids if alive(p)], "demo processes still running after --down"
+    assert pids and not [p for p in pids if process_alive(p)], "demo processes still running after --down"
     assert not (DEMO_DIR / "pids").exists()

@@ -22,7 +22,7 @@ from handlers.base import HandlerSettings, Resources, open_resources, run_in_poo
 from handlers.storage import process_image, upload_to_s3
 from tests.handler_fixtures import *  # noqa: F403
 from tests.handler_fixtures import MakeResources, get_object, list_keys, make_ctx, put_object
-from tests.workers import WorkerProcess, env_for_worker, wait_for
+from tests.workers import WorkerProcess, env_for_worker, process_alive, wait_for
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -443,14 +443,6 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 class TestPoolLifetime:
     async def test_pool_processes_end_when_the_worker_is_killed(self, tmp_path: Path, stack_env: dict[str, str],
                                                                queue_name: str) -> None:
@@ -464,5 +456,5 @@ class TestPoolLifetime:
             assert len(below) >= 3, below  # the forkserver, its 2 pool children, the resource tracker
         finally:
             w.kill()
-        await wait_for(lambda: not [p for p in below if _alive(p)], 15, message=lambda: (
-            f"still running after the worker was killed: {[p for p in below if _alive(p)]}"))
+        await wait_for(lambda: not [p for p in below if process_alive(p)], 15, message=lambda: (
+            f"still running after the worker was killed: {[p for p in below if process_alive(p)]}"))

@@ -30,6 +30,15 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 
 
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (from /proc, so it works for any process)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
