@@ -77,12 +77,13 @@ class Consumer:
     """Owns the consuming channel; rebuilt on every broker connection."""
 
     def __init__(self, settings: Settings, journal: Journal, registry: Registry, broker: Broker,
-                 on_ingested: Callable[[bool], None], starter: Starter | None = None) -> None:
+                 on_ingested: Callable[[bool, bool], None], starter: Starter | None = None) -> None:
         self.settings = settings
         self.journal = journal
         self.registry = registry
         self.broker = broker
-        self.on_ingested = on_ingested  # called after each commit; True when dead letters are owed
+        # called after each commit: (rows wait in the journal as PENDING, dead letters are owed)
+        self.on_ingested = on_ingested
         self.starter = starter
         self._buffer: list[Delivery] = []
         self._wake = asyncio.Event()
@@ -281,6 +282,7 @@ class Consumer:
         metrics.INGEST_SECONDS.observe(time.monotonic() - started)
         metrics.INGEST_BATCH.observe(len(batch))
         owed = False
+        pending = 0
         run_now: list[ClaimedTask] = []
         for row, reason in zip(rows, reasons, strict=True):
             if row.task_id not in new:
@@ -294,13 +296,14 @@ class Consumer:
             elif (claimed := starting.get(id(row))) is not None:
                 run_now.append(claimed)  # the row that was written is this RUNNING copy
             else:
-                self._pending_estimate += 1
+                pending += 1
         if self.starter is not None:
             self.starter.adopt(run_now, reserved)
+        self._pending_estimate += pending
         if self._pending_estimate >= s.pending_high_water:
             self.pause("backlog")  # at once, not at the next check: the broker keeps the rest
         await self._ack(batch)
-        self.on_ingested(owed)
+        self.on_ingested(pending > 0, owed)
 
     def _rows(self, batch: list[Delivery], now: float) -> tuple[list[NewTask], list[str | None]]:
         """Each delivery as a journal row, and why it is dead-lettered (None: it runs)."""

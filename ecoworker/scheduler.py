@@ -69,12 +69,19 @@ class Scheduler:
         self._releasing = False
         self._reserved = 0  # slots promised to the consumer for rows it journals as RUNNING
         self._reserved_for: Counter[str] = Counter()  # … of them, per task name
-        self._backlog = True  # the last claim may have left due rows behind
+        # due rows may wait in the journal: set at start, by wake(), by a full claim, by a
+        # retry and by the due timer; only then does a freed slot cost a claim (a claim per
+        # finished task had kept the slots from intake: every row was written twice)
+        self._backlog = True
+        self._due_at: float | None = None  # the earliest not_before seen in the journal, if later
+        self._held_back: set[str] = set()  # tasks at their own limit at the last claim
         self._claim_failures = FailureLog("claim due tasks from the journal")
         self._finish_failures = FailureLog("journal task outcomes")
         metrics.IN_FLIGHT.set_function(lambda: len(self._running))  # read at scrape, not set per task
 
     def wake(self) -> None:
+        """Rows may be due in the journal now (the consumer journaled PENDING rows): claim them."""
+        self._backlog = True
         self._wake.set()
 
     @property
@@ -144,13 +151,16 @@ class Scheduler:
         limit = self.settings.concurrency
         while not self._stopping:
             self._wake.clear()
+            if self._due_at is not None and self._due_at <= time.time():
+                self._backlog, self._due_at = True, None
             free = limit - len(self._running) - self._reserved
             claimed: list[ClaimedTask] = []
-            if free > 0:
+            if free > 0 and self._backlog:
                 ask = min(free, MAX_CLAIM)
                 self._reserved += ask  # the consumer must not promise these slots while we claim
+                now, self._held_back = time.time(), set(self._saturated())
                 try:
-                    claimed = await self.journal.claim(time.time(), ask, self._saturated())
+                    claimed = await self.journal.claim(now, ask, self._held_back)
                 except Exception as exc:  # e.g. disk full: keep the loop alive, try again
                     self._claim_failures.failed(exc)
                     self._reserved -= ask
@@ -161,19 +171,24 @@ class Scheduler:
                 self._backlog = len(claimed) == ask  # a full claim may have left due rows behind
                 for row in claimed:
                     self._start(row)
-            if claimed and self._backlog:
-                await asyncio.sleep(0)  # more may be due: claim again after letting others run
-                continue
-            await self._sleep_until_due(free > 0)
+                if claimed and self._backlog:
+                    await asyncio.sleep(0)  # more may be due: claim again after letting others run
+                    continue
+                if not self._backlog:  # all due rows are running: when is the next one due?
+                    due = await self.journal.next_due()
+                    # one due at the claim was held back by its task's own limit: that task's
+                    # next finish looks again (_execute), not a timer
+                    self._due_at = due if due is not None and due > now else None
+            await self._sleep_until_due()
 
-    async def _sleep_until_due(self, have_slots: bool) -> None:
+    async def _sleep_until_due(self) -> None:
+        """Until woken (slots freed, rows journaled), the next row is due, or a second passes;
+        a second without news claims anyway (a row held back by its task's own limit)."""
         timeout = 1.0
-        if have_slots:
-            due = await self.journal.next_due()
-            if due is not None:
-                timeout = max(0.0, min(timeout, due - time.time()))
-        if timeout > 0 and not self._stopping:
-            await wait_event(self._wake, timeout)
+        if self._due_at is not None:
+            timeout = max(0.0, min(timeout, self._due_at - time.time()))
+        if timeout > 0 and not self._stopping and not await wait_event(self._wake, timeout):
+            self._backlog = True
 
     def _saturated(self) -> list[str]:
         return [s.name for s in self.registry if self._at_limit(s)]
@@ -208,6 +223,8 @@ class Scheduler:
         finally:
             self._per_task[row.task_name] -= 1
             self._running.pop(row.task_id, None)
+            if row.task_name in self._held_back:  # its rows waited for this slot
+                self._backlog = True
             if outcome is not None:
                 _seconds(row.task_name).observe(time.monotonic() - started)
                 _finished(row.task_name, _label(outcome)).inc()

@@ -93,8 +93,9 @@ class Worker:
 
         scheduler = Scheduler(s, journal, self.registry, resources, on_finished)
 
-        def on_ingested(owed: bool) -> None:
-            scheduler.wake()
+        def on_ingested(pending: bool, owed: bool) -> None:
+            if pending:  # rows the consumer could not start at once
+                scheduler.wake()
             if owed:
                 dead_letters.wake()
 

@@ -1,6 +1,7 @@
-"""The scheduler against a real journal file whose writes fail for a while (a full disk, an
-I/O error): it keeps retrying, logs the failure once rather than every second, says when it
-works again, and every task still ends SUCCESS exactly once."""
+"""The scheduler against a real journal file: when it claims (only when rows may be due, and
+promptly when they become due) and what it does while the journal's writes fail for a while
+(a full disk, an I/O error): it keeps retrying, logs the failure once rather than every second,
+says when it works again, and every task still ends SUCCESS exactly once."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,12 +23,15 @@ from ecoworker.settings import Settings
 
 
 class FailingJournal(Journal):
-    """A real journal whose claim and finish raise the error a full disk gives, `fail` times each."""
+    """A real journal whose claim and finish raise the error a full disk gives, `fail` times each;
+    it counts the claims asked of it."""
 
     fail_claims = 0
     fail_finishes = 0
+    claims = 0
 
     async def claim(self, now: float, limit: int, exclude: object = ()) -> list[ClaimedTask]:
+        self.claims += 1
         if self.fail_claims > 0:
             self.fail_claims -= 1
             raise sqlite3.OperationalError("database or disk is full")
@@ -45,26 +51,100 @@ async def journal(tmp_path: Path) -> AsyncIterator[FailingJournal]:
         yield j
 
 
-async def run_until_done(journal: Journal, ids: list[str], within: float) -> None:
-    scheduler = Scheduler(Settings(), journal, builtins.registry, None, lambda outcomes, urgent: None)
+REGISTRY = builtins.registry.merge(builtins.test_registry)
+
+
+@asynccontextmanager
+async def running(journal: Journal) -> AsyncIterator[Scheduler]:
+    scheduler = Scheduler(Settings(), journal, REGISTRY, None, lambda outcomes, urgent: None)
     runner = asyncio.create_task(scheduler.run())
     try:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            rows = {r["task_id"]: r["status"] for r in await journal.list_tasks()}
-            if all(rows.get(i) == "SUCCESS" for i in ids):
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"tasks not done in {within} s: {rows}")
+        yield scheduler
     finally:
         await scheduler.stop(grace=1)
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
 
 
-def pending(task_id: str) -> NewTask:
+async def wait_done(journal: Journal, ids: list[str], within: float) -> dict[str, dict[str, Any]]:
+    """The journal rows of `ids` once all are SUCCESS; fails after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        rows = {r["task_id"]: r for r in await journal.list_tasks(limit=1000)}
+        if all(i in rows and rows[i]["status"] == "SUCCESS" for i in ids):
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tasks not done in {within} s: { {i: rows.get(i) for i in ids} }")
+        await asyncio.sleep(0.02)
+
+
+async def run_until_done(journal: Journal, ids: list[str], within: float) -> None:
+    async with running(journal):
+        await wait_done(journal, ids, within)
+
+
+def pending(task_id: str, name: str = "ecoworker.noop", kwargs: str = '{"n": 1}', delay: float = 0.0) -> NewTask:
     now = time.time()
-    return NewTask(task_id, "ecoworker.noop", "w1", "storage", "[]", '{"n": 1}', created_at=now, not_before=now)
+    return NewTask(task_id, name, "w1", "storage", "[]", kwargs, created_at=now, not_before=now + delay)
+
+
+async def test_tasks_started_at_intake_cost_no_claims(journal: FailingJournal) -> None:
+    """Tasks journaled straight as RUNNING (the consumer's path when slots are free) run without
+    the scheduler asking the journal for due rows: a finished task frees a slot, but with
+    nothing PENDING that is no reason to claim. (Claiming on every finish took the free slots
+    from intake, so under load nearly every task was written twice: ingest, then claim.)"""
+    async with running(journal) as scheduler:
+        await asyncio.sleep(0.2)  # the start-up claim (recovered rows) is done
+        before = journal.claims
+        ids = [f"t{i}" for i in range(40)]
+        for task_id in ids:  # as Consumer._commit does it, one delivery at a time
+            row = pending(task_id)
+            assert scheduler.reserve([row.task_name]) == [0]
+            claimed = row.started(time.time())
+            assert await journal.ingest([row]) == {task_id}
+            scheduler.adopt([claimed], [row.task_name])
+            await asyncio.sleep(0.01)
+        rows = await wait_done(journal, ids, within=10)
+        claims = journal.claims - before
+    assert all(rows[i]["attempts"] == 1 for i in ids)
+    assert claims <= 1, f"{claims} claims for 40 tasks that needed none"  # ≤ 1: the 1 s idle look
+
+
+async def test_rows_journaled_pending_are_claimed_when_the_scheduler_is_woken(journal: FailingJournal) -> None:
+    """PENDING rows are claimed as soon as wake() says they are there, not at the next idle look."""
+    async with running(journal) as scheduler:
+        await asyncio.sleep(0.2)
+        ids = [f"p{i}" for i in range(20)]
+        await journal.ingest([pending(i) for i in ids])
+        started = time.monotonic()
+        scheduler.wake()
+        await wait_done(journal, ids, within=10)
+        assert time.monotonic() - started < 0.5
+
+
+async def test_a_row_due_later_runs_at_its_time(journal: FailingJournal) -> None:
+    """A row due 1.5 s from now (an ETA, a retry's back-off) is claimed when it is due, by the
+    scheduler's timer: not before, and not at the next one-second idle look after it."""
+    async with running(journal) as scheduler:
+        await asyncio.sleep(0.2)
+        row = pending("eta", delay=1.5)
+        await journal.ingest([row])
+        scheduler.wake()
+        rows = await wait_done(journal, ["eta"], within=10)
+    assert row.not_before is not None
+    late = rows["eta"]["started_at"] - row.not_before
+    assert 0 <= late < 0.4, f"started {late:+.2f} s after it was due"
+
+
+async def test_rows_held_back_by_their_task_limit_start_as_slots_free(journal: FailingJournal) -> None:
+    """Ten 0.1 s tasks of a task limited to 2 at a time: each finish makes room for the next
+    row at once (about 0.5 s in all), instead of one claim per idle second (5 s)."""
+    ids = [f"l{i}" for i in range(10)]
+    await journal.ingest([pending(i, "ecoworker.sleep_limited", '{"seconds": 0.1}') for i in ids])
+    started = time.monotonic()
+    async with running(journal):
+        await wait_done(journal, ids, within=15)
+    assert time.monotonic() - started < 2.5
 
 
 async def test_failing_writes_are_logged_once_per_outage(journal: FailingJournal,
