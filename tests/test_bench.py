@@ -37,14 +37,16 @@ def test_bench_journal_reports_every_mode(tmp_path: Path) -> None:
 
 
 def test_bench_sink_drains_and_runs_the_per_row_baseline(stack_env: dict[str, str], tmp_path: Path) -> None:
-    """bench_sink drains its journal with the real Sink and ships the baseline row by row; its
-    own drain check (every row in PostgreSQL) passes, so the figures come from complete runs."""
+    """bench_sink drains its journal with the real Sink, ships the baseline row by row and the
+    PostgreSQL-only ceiling; its drain checks (every row in PostgreSQL) pass, so the figures
+    come from complete runs."""
     out = tmp_path / "sink.json"
     env = {**os.environ, "POSTGRES_DSN": stack_env["POSTGRES_DSN"]}
     run_bench("bench.bench_sink", env, "--rows", "1200", "--baseline-rows", "30", "--repeat", "1",
               "--json", str(out))
     report: dict[str, Any] = orjson.loads(out.read_bytes())
-    sink, per_row = report["results"]
+    sink, per_row, ceiling = report["results"]
     assert sink["rows"] == 1200 and sink["rows_per_s"] > 0
     assert per_row["rows"] == 30 and per_row["rows_per_s"] > 0
+    assert ceiling["rows"] == 1200 and ceiling["rows_per_s"] > 0
     assert report["ratio_sink_over_per_row"] > 0
