@@ -49,6 +49,9 @@ class SinkSettings:
     dsn: str | None = field(default=None, repr=False)
     batch_size: int = 5000
     max_delay: float = 1.0
+    # this many waiting rows ship at once when no task has finished for sink.LULL (a burst
+    # ended) instead of waiting out max_delay; each such batch is still this big (0: off)
+    lull_batch: int = 100
     pool_size: int = 2
     backoff_max: float = 30.0
     command_timeout: float = 15.0  # a statement PostgreSQL does not answer in time counts as an outage
@@ -57,8 +60,12 @@ class SinkSettings:
     def __repr__(self) -> str:
         return (
             f"SinkSettings(dsn={redact_url(self.dsn)!r}, batch_size={self.batch_size}, "
-            f"max_delay={self.max_delay}, pool_size={self.pool_size})"
+            f"max_delay={self.max_delay}, lull_batch={self.lull_batch}, pool_size={self.pool_size})"
         )
+
+    def __post_init__(self) -> None:
+        if self.lull_batch < 0:
+            raise ConfigError(f"ECOWORKER_SYNC_LULL_BATCH must be 0 (off) or more, got {self.lull_batch}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +153,7 @@ class Settings:
             "dsn": e.secret("POSTGRES_DSN") or _dsn_from_parts(e),
             "batch_size": e.integer("ECOWORKER_SYNC_BATCH_SIZE"),
             "max_delay": e.number("ECOWORKER_SYNC_MAX_DELAY"),
+            "lull_batch": e.integer("ECOWORKER_SYNC_LULL_BATCH"),
             "pool_size": e.integer("ECOWORKER_SYNC_POOL_SIZE"),
             "backoff_max": e.number("ECOWORKER_SYNC_BACKOFF_MAX"),
             "command_timeout": e.number("ECOWORKER_SYNC_COMMAND_TIMEOUT"),

@@ -33,6 +33,8 @@ from ecoworker.settings import SinkSettings
 
 log = logging.getLogger("ecoworker.sink")
 
+LULL = 0.05  # seconds without a finished task that end a burst (SinkSettings.lull_batch)
+
 STAGING_COLUMNS = UNSYNCED_COLUMNS  # the journal's page tuples are COPY records as they are
 COMPLETED_AT = STAGING_COLUMNS.index("completed_at")
 # JSON columns are jsonb already here: COPY parses them, which costs less than a ::jsonb cast in
@@ -80,14 +82,29 @@ class Sink:
         self._pool: asyncpg.Pool | None = None
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._hint = 0
+        self._hint = 0  # outcomes journaled since the last pass began
+        self._last_finish = 0.0
+        self._lull: asyncio.TimerHandle | None = None
         self.up: bool | None = None  # None: not tried yet
         self._failures = 0
 
     def notify(self, finished: int, urgent: bool) -> None:
-        """The scheduler journaled `finished` outcomes; ship now if urgent or a batch is full."""
+        """The scheduler journaled `finished` outcomes; ship now if urgent or a batch is full,
+        or once no task has finished for LULL if `lull_batch` rows wait (a burst has ended:
+        waiting out max_delay would save no PostgreSQL write, each such batch being that big)."""
         self._hint += finished
+        self._last_finish = time.monotonic()
         if urgent or self._hint >= self.settings.batch_size:
+            self._wake.set()
+        elif self._lull is None and 0 < self.settings.lull_batch <= self._hint:
+            self._lull = asyncio.get_running_loop().call_later(LULL, self._after_lull)
+
+    def _after_lull(self) -> None:
+        self._lull = None
+        quiet = time.monotonic() - self._last_finish
+        if quiet < LULL:  # tasks kept finishing: look again once it has been quiet that long
+            self._lull = asyncio.get_running_loop().call_later(LULL - quiet, self._after_lull)
+        elif self._hint >= self.settings.lull_batch:
             self._wake.set()
 
     async def run(self) -> None:
@@ -124,6 +141,9 @@ class Sink:
             log.info("results left unsynced at shutdown (shipped after restart): %s", exc)
 
     async def close(self) -> None:
+        if self._lull is not None:
+            self._lull.cancel()
+            self._lull = None
         pool, self._pool = self._pool, None
         if pool is not None:
             try:

@@ -145,12 +145,13 @@ class TestEcoworkerVariables:
         env = {
             "POSTGRES_HOST": "db",
             "ECOWORKER_SYNC_BATCH_SIZE": "100", "ECOWORKER_SYNC_MAX_DELAY": "0.25",
-            "ECOWORKER_SYNC_POOL_SIZE": "4", "ECOWORKER_SYNC_BACKOFF_MAX": "5",
+            "ECOWORKER_SYNC_POOL_SIZE": "4", "ECOWORKER_SYNC_BACKOFF_MAX": "5", "ECOWORKER_SYNC_LULL_BATCH": "0",
             "ECOWORKER_CHECKPOINT_INTERVAL": "60", "ECOWORKER_CLEANUP_INTERVAL": "120",
             "ECOWORKER_RETENTION_DAYS": "1.5", "ECOWORKER_WAL_WARN_BYTES": "1000",
         }
         s = Settings.from_env(env)
         assert (s.sink.batch_size, s.sink.max_delay, s.sink.pool_size, s.sink.backoff_max) == (100, 0.25, 4, 5.0)
+        assert (s.sink.lull_batch, Settings.from_env({}).sink.lull_batch) == (0, 100)
         assert s.maintenance == MaintenanceSettings(checkpoint_interval=60.0, cleanup_interval=120.0,
                                                     retention_days=1.5, wal_warn_bytes=1000)
 
@@ -169,6 +170,11 @@ class TestEcoworkerVariables:
         """A variable that is not a whole number is a ConfigError naming it and its value."""
         with pytest.raises(ConfigError, match=f"{name}={value!r} is not a whole number"):
             Settings.from_env({name: value})
+
+    def test_negative_lull_batch(self) -> None:
+        """ECOWORKER_SYNC_LULL_BATCH below 0 is refused, saying that 0 turns it off."""
+        with pytest.raises(ConfigError, match=r"ECOWORKER_SYNC_LULL_BATCH must be 0 \(off\) or more, got -1"):
+            Settings.from_env({"ECOWORKER_SYNC_LULL_BATCH": "-1"})
 
     @pytest.mark.parametrize(("name", "value"), [
         ("ECOWORKER_GRACE_PERIOD", "soon"), ("ECOWORKER_SYNC_MAX_DELAY", "1s"), ("ECOWORKER_RETENTION_DAYS", "a week"),

@@ -626,6 +626,44 @@ class TestLoop:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    async def test_a_burst_ships_once_tasks_stop_finishing(self, journal: Journal, dsn: str) -> None:
+        """With a 30 s max delay, 150 rows finishing in a stream ship only after the stream
+        stops: within a second of the last one (a lull of LULL with ≥ lull_batch rows waiting),
+        not 30 s later, and not while tasks were still finishing."""
+        sink = Sink(SinkSettings(dsn=dsn, max_delay=30, lull_batch=100), journal)
+        task = asyncio.create_task(sink.run())
+        try:
+            await asyncio.sleep(0.5)  # the first (empty) pass is done; the loop sleeps max_delay
+            for i in range(15):  # 10 rows every 20 ms: never quiet for 50 ms
+                await journal.ingest([done_task(f"b{i}-{j}") for j in range(10)])
+                sink.notify(10, urgent=False)
+                await asyncio.sleep(0.02)
+            assert await pg_count(dsn) == 0  # past 100 rows for a while, but tasks kept finishing
+            stopped = time.monotonic()
+            await wait_for(lambda: pg_count_at_least(dsn, 150), 5, interval=0.02)
+            assert time.monotonic() - stopped < 1
+        finally:
+            await sink.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def test_a_lull_with_few_rows_waits_out_max_delay(self, journal: Journal, dsn: str) -> None:
+        """Fewer than lull_batch rows after a lull wait for max_delay (a trickle of tasks costs
+        one PostgreSQL write per max_delay, not one per task); lull_batch=0 turns lulls off."""
+        for lull_batch, rows in ((100, 99), (0, 300)):
+            sink = Sink(SinkSettings(dsn=dsn, max_delay=30, lull_batch=lull_batch), journal)
+            task = asyncio.create_task(sink.run())
+            try:
+                await asyncio.sleep(0.5)
+                await journal.ingest([done_task(f"few-{lull_batch}-{i}") for i in range(rows)])
+                sink.notify(rows, urgent=False)
+                await asyncio.sleep(1.5)
+                assert (await journal.counts())["unsynced"] == rows, f"lull_batch={lull_batch}"
+            finally:
+                await sink.stop()  # ships them: the next round starts from an empty backlog
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
     async def test_stop_flushes_what_is_left(self, journal: Journal, dsn: str) -> None:
         """stop() ships the unsynced rows before returning, even while the loop waits out max_delay."""
         sink = Sink(SinkSettings(dsn=dsn, max_delay=30), journal)
