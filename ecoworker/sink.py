@@ -114,15 +114,15 @@ class Sink:
                     await self.sync_pass(self._stop)
                 except UNAVAILABLE as exc:
                     self._down(exc)
-                    await self._sleep(self._backoff())
+                    await self._back_off(self._backoff())
                     continue
                 except ConfigError as exc:
                     self._down(exc)
-                    await self._sleep(self.settings.backoff_max)
+                    await self._back_off(self.settings.backoff_max)
                     continue
                 except sqlite3.Error as exc:  # the journal (e.g. disk full): re-shipping later is harmless
                     log.error("could not read or mark the journal while syncing: %s; retrying", exc)
-                    await self._sleep(self._backoff())
+                    await self._back_off(self._backoff())
                     continue
                 self._back_up()
                 await self._sleep(self.settings.max_delay)  # caught up: a pass ends on a short page
@@ -300,7 +300,14 @@ class Sink:
         return float(min(self.settings.backoff_max, 0.5 * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0))
 
     async def _sleep(self, seconds: float) -> None:
+        """Until a batch is due (notify: full, urgent, a lull), stop, or `seconds` pass."""
         await wait_event(self._wake, seconds)
+        self._wake.clear()
+
+    async def _back_off(self, seconds: float) -> None:
+        """Until stop or `seconds` pass: finishing tasks do not cut a back-off short (they had
+        PostgreSQL retried once per burst of results while it was down)."""
+        await wait_event(self._stop, seconds)
         self._wake.clear()
 
 

@@ -587,6 +587,33 @@ class TestUnavailable:
         assert {s for s, _ in sync_states(journal.path).values()} == {SYNC_WAITING}
         assert (await journal.counts())["unsynced"] == 5
 
+    async def test_finished_tasks_do_not_cut_the_back_off_short(self, journal: Journal) -> None:
+        """While PostgreSQL is unreachable, results finishing in bursts (lulls, full batches,
+        urgent ones) wait for the back-off: in 3 s the sink tries 1 s, 1-2 s, ... apart, about
+        3 times, not once per burst (60 here)."""
+        await journal.ingest([done_task(f"t{i}") for i in range(150)])
+        attempts = 0
+
+        class CountingPasses(Sink):
+            async def sync_pass(self, stop: asyncio.Event | None = None) -> int:
+                nonlocal attempts
+                attempts += 1
+                return await super().sync_pass(stop)
+
+        sink = CountingPasses(SinkSettings(dsn=f"postgresql://u@127.0.0.1:{free_port()}/db", lull_batch=100),
+                              journal)
+        task = asyncio.create_task(sink.run())
+        try:
+            for i in range(60):  # a burst every 50 ms: a lull, a full batch or an urgent result
+                sink.notify(5000 if i % 3 == 1 else 150, urgent=i % 3 == 2)
+                await asyncio.sleep(0.05)
+        finally:
+            await sink.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert sink.up is False
+        assert 1 <= attempts <= 5, f"{attempts} attempts in 3 s"
+
     async def test_unmigrated_database_is_a_config_error(self, journal: Journal, stack_env: dict[str, str]) -> None:
         """An un-migrated database is a ConfigError naming `ecoworker db migrate`; auto_migrate migrates and ships."""
         await journal.ingest([done_task("t")])
