@@ -12,12 +12,16 @@ import asyncio
 import logging
 import os
 import resource
-from collections.abc import Awaitable, Callable
-from typing import Any
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from http import HTTPStatus
+from socketserver import ThreadingMixIn
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 from ecoworker.aio import wait_event
 
@@ -87,53 +91,117 @@ async def watch_loop_lag(stop: asyncio.Event, interval: float = 0.5) -> None:
 Readiness = Callable[[], tuple[bool, str]]
 StatsSource = Callable[[], Awaitable[dict[str, Any]]]
 
+LOOP_ANSWER_SECONDS = 3.0  # /healthz fails when the event loop cannot run a callback this fast
+POLL_SECONDS = 0.2  # how often the server's thread looks for `close()`
+
 
 class MetricsServer:
-    """The worker's HTTP port. `await start()` … `await close()`."""
+    """The worker's HTTP port. `await start()` … `await close()`.
+
+    The standard library's WSGI server in one thread, as prometheus_client's own
+    `start_http_server` runs it: the probes no longer import aiohttp, which took a third of
+    a second of every start-up. Anything that reads the worker's state runs on the event loop
+    (`run_coroutine_threadsafe`), so /healthz answers 200 only while the loop is turning."""
 
     def __init__(self, host: str, port: int, ready: Readiness, stats: StatsSource,
                  refresh: Callable[[], Awaitable[None]] | None = None) -> None:
         self.host, self.port = host, port
         self._ready, self._stats, self._refresh = ready, stats, refresh
-        self._runner: web.AppRunner | None = None
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exposition = make_wsgi_app(REGISTRY)  # content negotiation, gzip, name[] filters
 
     async def start(self) -> int:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/stats", self._stats_view)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        if self.port == 0 and server is not None:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._loop = asyncio.get_running_loop()
+        server_class = _Server6 if ":" in self.host else _Server
+        self._httpd = make_server(self.host, self.port, self._app, server_class=server_class,
+                                  handler_class=_QuietHandler)
+        self.port = self._httpd.server_port
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(POLL_SECONDS,),
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
         log.info("metrics and probes on http://%s:%d/metrics", self.host, self.port)
         return self.port
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            await asyncio.to_thread(httpd.shutdown)  # waits for serve_forever to return
+            httpd.server_close()
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    # ------------------------------------------------------------ in the server's threads
+
+    def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _json(start_response, 405, {"error": "only GET and HEAD"})
+        try:
+            if path == "/metrics":
+                self._on_loop(self._refreshed(), 10.0)
+                body: Iterable[bytes] = self._exposition(environ, start_response)
+                return body
+            if path == "/healthz":
+                self._on_loop(asyncio.sleep(0), LOOP_ANSWER_SECONDS)
+                return _json(start_response, 200, {"status": "ok"})
+            if path == "/readyz":
+                ok, reason = self._on_loop(self._readiness(), LOOP_ANSWER_SECONDS)
+                return _json(start_response, 200 if ok else 503, {"ready": ok, "reason": reason})
+            if path == "/stats":
+                return _json(start_response, 200, self._on_loop(self._stats_now(), 30.0))
+        except TimeoutError:  # concurrent.futures' too, since Python 3.11
+            return _json(start_response, 503, {"status": "event loop not answering", "path": path})
+        except RuntimeError as exc:  # the loop is closed: the worker is on its way out
+            return _json(start_response, 503, {"status": f"stopping: {exc}", "path": path})
+        return _json(start_response, 404, {"error": f"no such path {path!r}",
+                                           "paths": ["/metrics", "/healthz", "/readyz", "/stats"]})
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run `coro` on the worker's loop and wait for it here, at most `timeout` seconds."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    # ------------------------------------------------------------ on the loop
+
+    async def _refreshed(self) -> None:
         if self._refresh is not None:
             try:
                 await self._refresh()
             except Exception as exc:  # a scrape must still answer with what we have
                 log.warning("metrics refresh failed: %s", exc)
         observe_process()
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def _readiness(self) -> tuple[bool, str]:
+        return self._ready()
 
-    async def _readyz(self, request: web.Request) -> web.Response:
-        ok, reason = self._ready()
-        body = orjson.dumps({"ready": ok, "reason": reason})
-        return web.Response(body=body, status=200 if ok else 503, content_type="application/json")
+    async def _stats_now(self) -> dict[str, Any]:
+        return await self._stats()
 
-    async def _stats_view(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(await self._stats()), content_type="application/json")
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+T = TypeVar("T")
+
+
+def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
+    data = orjson.dumps(body)
+    start_response(f"{status} {HTTPStatus(status).phrase}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold up the worker's exit
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: Prometheus and the kubelet poll every few seconds."""

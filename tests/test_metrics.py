@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -407,3 +410,82 @@ class TestProbes:
         assert running.worker.http("/nope")[0] == 404
 
 
+
+
+# ------------------------------------------------------------------ the HTTP server itself
+
+def _get(port: int, path: str, method: str = "GET", headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, str], bytes]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@contextlib.asynccontextmanager
+async def serving(ready: tuple[bool, str] = (True, "consuming"),
+                  stats: dict[str, Any] | None = None) -> AsyncIterator[int]:
+    from ecoworker.metrics import MetricsServer
+
+    async def get_stats() -> dict[str, Any]:
+        return stats or {}
+
+    server = MetricsServer("127.0.0.1", 0, lambda: ready, get_stats)
+    port = await server.start()
+    try:
+        yield port
+    finally:
+        await server.close()
+
+
+class TestServer:
+    async def test_healthz_fails_while_the_event_loop_is_blocked(self, monkeypatch):
+        """/healthz is 200 while the loop turns and 503 'event loop not answering' while a callback
+        blocks it longer than LOOP_ANSWER_SECONDS; it answers 200 again once the loop is free."""
+        from ecoworker import metrics
+
+        monkeypatch.setattr(metrics, "LOOP_ANSWER_SECONDS", 0.3)
+        async with serving() as port:
+            assert (await asyncio.to_thread(_get, port, "/healthz"))[0] == 200
+            answer: list[tuple[int, dict[str, str], bytes]] = []
+            probe = threading.Thread(target=lambda: answer.append(_get(port, "/healthz")))
+            probe.start()
+            time.sleep(1.5)  # noqa: ASYNC251 (on purpose: blocks the event loop, as a stuck handler would)
+            await asyncio.to_thread(probe.join, 10)
+            status, _, body = answer[0]
+            assert (status, orjson.loads(body)["status"]) == (503, "event loop not answering")
+            assert (await asyncio.to_thread(_get, port, "/healthz"))[0] == 200
+
+    async def test_paths(self):
+        """/readyz carries the worker's readiness (503 with its reason), /stats the stats, /metrics
+        the exposition (OpenMetrics when asked for); other paths are 404 and other methods 405."""
+        async with serving(ready=(False, "paused: backlog"), stats={"pending": 7}) as port:
+            def get(path: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+                return _get(port, path, **kw)
+
+            status, headers, body = await asyncio.to_thread(get, "/readyz")
+            assert (status, orjson.loads(body)) == (503, {"ready": False, "reason": "paused: backlog"})
+            assert headers["Content-Type"] == "application/json"
+            status, _, body = await asyncio.to_thread(get, "/stats")
+            assert (status, orjson.loads(body)) == (200, {"pending": 7})
+            status, headers, body = await asyncio.to_thread(get, "/metrics")
+            assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+            assert b"ecoworker_tasks_in_flight" in body
+            accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+            status, headers, body = await asyncio.to_thread(lambda: get("/metrics", headers=accept))
+            assert headers["Content-Type"].startswith("application/openmetrics-text")
+            assert body.rstrip().endswith(b"# EOF")
+            assert (await asyncio.to_thread(get, "/nope"))[0] == 404
+            assert (await asyncio.to_thread(lambda: get("/healthz", method="POST")))[0] == 405
+
+    async def test_close_frees_the_port(self):
+        """After close() the port refuses connections (the server thread has stopped)."""
+        async with serving() as port:
+            assert (await asyncio.to_thread(_get, port, "/healthz"))[0] == 200
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
