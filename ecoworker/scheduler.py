@@ -19,6 +19,7 @@ import orjson
 
 from ecoworker import metrics
 from ecoworker.aio import wait_event
+from ecoworker.deadlines import Deadlines
 from ecoworker.errors import PermanentError, Retry
 from ecoworker.journal import ClaimedTask, Journal, Outcome
 from ecoworker.registry import Registry, TaskContext, TaskSpec
@@ -61,6 +62,7 @@ class Scheduler:
         self.on_finished = on_finished  # (outcomes, urgent)
         self._wake = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._deadlines = Deadlines()  # handler time limits: one timer, not one per task
         self._per_task: Counter[str] = Counter()
         self._outcomes: list[Outcome] = []
         self._urgent = False
@@ -255,8 +257,7 @@ class Scheduler:
         )
         try:
             args, kwargs = orjson.loads(row.args), orjson.loads(row.kwargs)
-            async with asyncio.timeout(timeout):  # no extra task per handler, unlike wait_for
-                result = await spec.handler(ctx, *args, **kwargs)
+            result = await self._deadlines.run(spec.handler(ctx, *args, **kwargs), ctx.deadline)
             text = orjson.dumps(result).decode()
         except Retry as exc:
             return self._retry_or_fail(row, spec, f"retry requested: {exc}", exc.after)

@@ -147,6 +147,32 @@ async def test_rows_held_back_by_their_task_limit_start_as_slots_free(journal: F
     assert time.monotonic() - started < 2.5
 
 
+async def test_handlers_past_their_time_limit_are_cancelled_each_at_its_own_limit(journal: FailingJournal) -> None:
+    """Handlers sleeping 30 s with time limits of 0.3, 0.6 and 0.9 s (the message's own limit)
+    are cancelled at their limits: FAILURE 'timed out after …' (max_retries 0), each ending
+    within 0.25 s of its limit, while a task within its limit succeeds."""
+    now = time.time()
+    rows = [NewTask(f"t{limit}", "ecoworker.sleep", "w1", "storage", "[]", '{"seconds": 30}', created_at=now,
+                    not_before=now, timeout=limit, max_retries=0) for limit in (0.9, 0.3, 0.6)]
+    rows.append(NewTask("ok", "ecoworker.sleep", "w1", "storage", "[]", '{"seconds": 0.1}', created_at=now,
+                        not_before=now, timeout=0.6))
+    await journal.ingest(rows)
+    async with running(journal):
+        await wait_done(journal, ["ok"], within=10)
+        deadline = time.monotonic() + 10
+        while True:
+            done = {r["task_id"]: r for r in await journal.list_tasks(limit=100) if r["status"] == "FAILURE"}
+            if len(done) == 3 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+    assert sorted(done) == ["t0.3", "t0.6", "t0.9"], done
+    for task_id, row in done.items():
+        limit = float(task_id[1:])
+        assert row["error"] == f"gave up after 1 attempt(s): timed out after {limit:g}s"
+        took = row["completed_at"] - row["started_at"]
+        assert limit <= took < limit + 0.25, f"{task_id} ended {took:.2f} s after it started"
+
+
 async def test_failing_writes_are_logged_once_per_outage(journal: FailingJournal,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Claims that fail 3 times and finishes that fail 3 times (3 s of retries each) give one
