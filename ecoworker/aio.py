@@ -11,10 +11,11 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
     The shape every background loop sleeps in: an interval that a wake-up or
     a stop request can cut short.
     """
-    if seconds <= 0:
+    if seconds <= 0 or event.is_set():
         return event.is_set()
     try:
-        await asyncio.wait_for(event.wait(), seconds)
+        async with asyncio.timeout(seconds):  # wait_for would start a task for every wait
+            await event.wait()
     except TimeoutError:
         pass
     return event.is_set()
