@@ -128,6 +128,25 @@ class TestCheckArguments:
         assert info.value.task_id == "t1"
         assert "t1" in str(info.value) and "resize" in str(info.value)
 
+    def test_answers_stay_right_for_repeated_shapes(self) -> None:
+        """One spec, many deliveries: each shape (arg count, kwarg names) gets the same answer every
+        time whatever came before, a repeated misfit names its own task id, and shapes past the
+        kept ones are still checked."""
+        from ecoworker.registry import SHAPES_KEPT
+
+        resize = spec("resize")
+        for i in range(3):
+            resize.check_arguments(f"ok{i}", [f"{i}.png"], {"size": i})
+            with pytest.raises(DecodeError) as info:
+                resize.check_arguments(f"bad{i}", [f"{i}.png"], {"nope": i})
+            assert f"bad{i}" in str(info.value) and "nope" in str(info.value)
+        for i in range(SHAPES_KEPT + 5):  # a flood of odd keyword names
+            with pytest.raises(DecodeError):
+                resize.check_arguments("odd", ["a.png"], {f"k{i}": 1})
+        resize.check_arguments("late", [], {"path": "b.png", "mode": "crop"})  # a new shape, still fits
+        with pytest.raises(DecodeError):
+            resize.check_arguments("late-bad", [], {"mode": "crop"})  # a new shape, still refused
+
     def test_variadic_accepts_anything(self) -> None:
         """A handler with *args and **kwargs accepts any arguments."""
         spec("any", fn=variadic).check_arguments("t", [1, 2, 3], {"a": 1, "b": 2})
