@@ -340,7 +340,8 @@ class TestIngest:
         sizes_seen: set[int] = set()
         for n in range(1, 1001):
             statements = journal_module._ingest_statements([task(f"t{i}") for i in range(n)])
-            sizes = [len(params) // len(journal_module.LEAN_COLUMNS) for _, params in statements]
+            sizes = [len(params) // len(journal_module.LEAN_COLUMNS) for _, params, _ in statements]
+            assert sizes == [count for _, _, count in statements]
             assert sum(sizes) == n and sizes == sorted(sizes, reverse=True), n
             assert all(size & (size - 1) == 0 for size in sizes), sizes
             sizes_seen.update(sizes)
@@ -415,6 +416,30 @@ class TestClaim:
         claimed = await journal.claim(now=150.0, limit=1)
         assert claimed == [ClaimedTask("a", "demo.task", "storage", '["a"]', '{"k": 1}', 3, 5, 9.0, 999.0, 1)]
         assert query(journal.path, "SELECT status, attempts, started_at FROM task_wal") == [("RUNNING", 3, 150.0)]
+
+    async def test_claimed_values_come_back_exactly(self, journal: Journal) -> None:
+        """What a claim hands the scheduler is bit-for-bit what was ingested: times and limits with
+        17 significant digits (SQLite 3.40's JSON keeps 15), NULLs, and args text with quotes,
+        backslashes, control characters and non-ASCII, for 300 rows in 3 claims."""
+        import random
+
+        rnd = random.Random(7)
+        expected = {}
+        rows = []
+        for i in range(300):
+            timeout = None if i % 5 == 0 else rnd.choice([rnd.uniform(0.001, 1e9), 0.1 + 0.2, 1e-3 / 3])
+            expires = None if i % 7 == 0 else time.time() + rnd.uniform(-1e8, 1e8)
+            args = orjson.dumps([f'q"\\{i}\n\u00e9\u2603\x01', i]).decode()
+            max_retries = None if i % 3 == 0 else i
+            rows.append(task(f"x{i}", args=args, timeout=timeout, expires_at=expires, max_retries=max_retries,
+                             retry_count=i % 4, attempts=i % 2, not_before=100.0 + i / 1000))
+            expected[f"x{i}"] = ClaimedTask(f"x{i}", "demo.task", "storage", args, '{"k": 1}', i % 2 + 1,
+                                            max_retries, timeout, expires, i % 4)
+        await journal.ingest(rows)
+        claimed = [c for _ in range(3) for c in await journal.claim(now=150.0, limit=100)]
+        assert [c.task_id for c in claimed] == [f"x{i}" for i in range(300)]  # oldest due first
+        assert {c.task_id: c for c in claimed} == expected
+        assert await journal.claim(now=150.0, limit=100) == []
 
     async def test_claims_a_row_once(self, journal: Journal) -> None:
         """A RUNNING row is not claimed again."""
