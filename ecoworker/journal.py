@@ -420,7 +420,7 @@ class Journal:
         for o in _first_per_id(outcomes):  # the first outcome of a row applies, as row by row
             (success if _is_plain_success(o) else other).append(o)
         statements = [*_finish_statements(success, lean=True), *_finish_statements(other, lean=False)]
-        await self._transaction(lambda db: _run_all(db, statements))
+        await self._run(partial(_atomically, statements=statements))
 
     async def recover(self, now: float, default_max_retries: int) -> Recovery:
         """Start-up: RUNNING rows were in flight during a crash. Re-run or bury them."""
@@ -448,7 +448,7 @@ class Journal:
         pairs = list(zip(task_ids, completed_at, strict=True))
         statements = [(_mark_synced_sql(size), params) for size, params in _values_chunks(pairs, 2, MARK_CHUNK)]
         if statements:
-            await self._transaction(lambda db: _run_all(db, statements))
+            await self._run(partial(_atomically, statements=statements))
 
     async def mark_sync_rejected(self, task_id: str, error: str, completed_at: float | None = None) -> None:
         sql = ("UPDATE task_wal SET synced_to_postgres = ?, sync_error = ? WHERE task_id = ? "
@@ -705,6 +705,15 @@ class Journal:
 
 
 WALManager = Journal  # the seed's name
+
+
+def _atomically(db: sqlite3.Connection, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+    """`_run_all` as one transaction. A lone statement runs in autocommit mode, which is its own
+    transaction: BEGIN and COMMIT would be two more SQLite calls, each giving the GIL back and
+    waiting to take it from the event loop again."""
+    if len(statements) == 1:
+        return _run_all(db, statements)
+    return _in_transaction(db, partial(_run_all, statements=statements))
 
 
 def _in_transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
