@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from http import HTTPStatus
@@ -93,6 +94,9 @@ StatsSource = Callable[[], Awaitable[dict[str, Any]]]
 
 LOOP_ANSWER_SECONDS = 3.0  # /healthz fails when the event loop cannot run a callback this fast
 POLL_SECONDS = 0.2  # how often the server's thread looks for `close()`
+# a client that connects and then sends nothing (or stops half-way) is dropped after this many
+# seconds, instead of holding one of the server's threads for good
+READ_TIMEOUT_SECONDS = 10.0
 
 
 class MetricsServer:
@@ -117,6 +121,7 @@ class MetricsServer:
         server_class = _Server6 if ":" in self.host else _Server
         self._httpd = make_server(self.host, self.port, self._app, server_class=server_class,
                                   handler_class=_QuietHandler)
+        self._httpd.read_timeout = READ_TIMEOUT_SECONDS  # type: ignore[attr-defined]
         self.port = self._httpd.server_port
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(POLL_SECONDS,),
                                         name="metrics-http", daemon=True)
@@ -197,11 +202,24 @@ def _json(start_response: StartResponse, status: int, body: Any) -> list[bytes]:
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape in progress does not hold up the worker's exit
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A line in our log instead of the standard library's traceback on stderr: a client
+        that timed out or went away is routine, anything else is worth a look."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError | ConnectionError):
+            log.debug("metrics client %s dropped: %r", client_address, exc)
+        else:
+            log.warning("metrics request from %s failed", client_address, exc_info=exc)
+
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(getattr(self.server, "read_timeout", READ_TIMEOUT_SECONDS))
+
     def log_message(self, format: str, *args: Any) -> None:
         """No access log: Prometheus and the kubelet poll every few seconds."""

@@ -483,6 +483,24 @@ class TestServer:
             assert (await asyncio.to_thread(get, "/nope"))[0] == 404
             assert (await asyncio.to_thread(lambda: get("/healthz", method="POST")))[0] == 405
 
+    async def test_a_silent_client_is_dropped(self, monkeypatch, capsys):
+        """A connection that sends nothing is closed by the server after its read timeout (10 s,
+        0.3 s here), so idle or half-open clients cannot pile up threads; probes still answer,
+        and no traceback lands on stderr."""
+        from ecoworker import metrics
+
+        monkeypatch.setattr(metrics, "READ_TIMEOUT_SECONDS", 0.3)
+        async with serving() as port:
+            def wait_for_close() -> float:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:
+                    started = time.monotonic()
+                    assert idle.recv(1) == b""  # closed by the server, not timed out here
+                    return time.monotonic() - started
+
+            assert await asyncio.to_thread(wait_for_close) < 2
+            assert (await asyncio.to_thread(_get, port, "/healthz"))[0] == 200
+        assert "Traceback" not in capsys.readouterr().err
+
     async def test_close_frees_the_port(self):
         """After close() the port refuses connections (the server thread has stopped)."""
         async with serving() as port:
