@@ -32,8 +32,6 @@ T = TypeVar("T")
 # A redelivered id is a duplicate and changes nothing, unless it is a `dlq replay` of a
 # finished row (a higher `replays`) or a task `wal drain` handed off: then the row starts
 # over from the new delivery.
-_CLAIM_UPDATE = ("UPDATE task_wal SET status = 'RUNNING', attempts = attempts + 1, started_at = ? "
-                 "WHERE rowid IN (SELECT json_extract(value, '$[0]') FROM json_each(?))")
 _REPLAY_UPSERT = " ON CONFLICT (task_id) DO UPDATE SET " + ", ".join(
     f"{c} = excluded.{c}" for c in schema.INGEST_COLUMNS if c != "task_id"
 ) + (", result = NULL, synced_to_postgres = 0, sync_error = NULL "
@@ -51,6 +49,9 @@ _CLAIM_JSON = (
     "iif(timeout IS NULL, NULL, printf('%!.17g', timeout)), "
     "iif(expires_at IS NULL, NULL, printf('%!.17g', expires_at)), retry_count))"
 )
+# … and the rows of that text, by rowid (its first element), moved to RUNNING
+_CLAIM_UPDATE = ("UPDATE task_wal SET status = 'RUNNING', attempts = attempts + 1, started_at = ? "
+                 "WHERE rowid IN (SELECT json_extract(value, '$[0]') FROM json_each(?))")
 
 
 @dataclass(slots=True)
@@ -169,6 +170,10 @@ def _ingest_sql(n: int, lean: bool = False, returning: bool = False) -> str:
             + (" RETURNING task_id" if returning else ""))
 
 
+class _KnownId(Exception):
+    """The batch holds an id the journal already has: run it again with RETURNING."""
+
+
 def _ingest_job(db: sqlite3.Connection, rows: Sequence[NewTask],
                 statements: Sequence[tuple[str, list[Any], int]]) -> set[str] | None:
     """Run the ingest statements in one transaction. None when every row was written (the usual
@@ -177,24 +182,19 @@ def _ingest_job(db: sqlite3.Connection, rows: Sequence[NewTask],
     A RETURNING row is one sqlite3_step, and each step gives the GIL back and waits to take it
     again from the busy event loop: a 500-row batch paid that 500 times. Counting changes costs
     nothing, and a batch with a known id (a redelivery) is rare."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+
+    def insert(db: sqlite3.Connection) -> None:
         before = db.total_changes
-        for sql, params, _ in statements:
-            db.execute(sql, params)
-        if db.total_changes - before == sum(count for _, _, count in statements):
-            db.execute("COMMIT")
-            return None
-        db.execute("ROLLBACK")
-        db.execute("BEGIN IMMEDIATE")
-        written = {r[0] for sql, params, _ in _ingest_statements(rows, returning=True)
-                   for r in db.execute(sql, params).fetchall()}
-        db.execute("COMMIT")
-        return written
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+        _run_all(db, [(sql, params) for sql, params, _ in statements])
+        if db.total_changes - before != sum(count for _, _, count in statements):
+            raise _KnownId  # rolled back by _in_transaction
+
+    try:
+        _in_transaction(db, insert)
+        return None
+    except _KnownId:
+        again = [(sql, params) for sql, params, _ in _ingest_statements(rows, returning=True)]
+        return {r[0] for r in _in_transaction(db, partial(_run_all, statements=again))}
 
 
 def _placeholders(rows: int, width: int) -> str:

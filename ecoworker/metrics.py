@@ -112,7 +112,6 @@ class MetricsServer:
         self.host, self.port = host, port
         self._ready, self._stats, self._refresh = ready, stats, refresh
         self._httpd: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exposition = make_wsgi_app(REGISTRY)  # content negotiation, gzip, name[] filters
 
@@ -123,9 +122,8 @@ class MetricsServer:
                                   handler_class=_QuietHandler)
         self._httpd.read_timeout = READ_TIMEOUT_SECONDS  # type: ignore[attr-defined]
         self.port = self._httpd.server_port
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(POLL_SECONDS,),
-                                        name="metrics-http", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._httpd.serve_forever, args=(POLL_SECONDS,), name="metrics-http",
+                         daemon=True).start()  # ends when close() shuts the server down
         log.info("metrics and probes on http://%s:%d/metrics", self.host, self.port)
         return self.port
 
