@@ -89,6 +89,8 @@ class Settings:
     concurrency: int = 100
     prefetch: int = 1000
     ingest_batch_max: int = 500
+    # ingest, claim, finish and mark synced in a child process with its own GIL (ecoworker.writer)
+    journal_process: bool = True
     max_body_bytes: int = 1024 * 1024
     default_max_retries: int = 3
     grace_period: float = 50.0
@@ -136,6 +138,7 @@ class Settings:
             "concurrency": e.integer("ECOWORKER_CONCURRENCY"),
             "prefetch": e.integer("ECOWORKER_PREFETCH"),
             "ingest_batch_max": e.integer("ECOWORKER_INGEST_BATCH_MAX"),
+            "journal_process": e.flag("ECOWORKER_JOURNAL_PROCESS"),
             "max_body_bytes": e.integer("ECOWORKER_MAX_BODY_BYTES"),
             "default_max_retries": e.integer("ECOWORKER_MAX_RETRIES"),
             "grace_period": e.number("ECOWORKER_GRACE_PERIOD"),
@@ -227,6 +230,16 @@ class _Env:
             return int(raw.replace("_", ""))
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+
+    def flag(self, name: str) -> bool | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a yes/no value: use 1 or 0 (true/false, yes/no, on/off)")
 
     def number(self, name: str) -> float | None:
         raw = self.text(name)

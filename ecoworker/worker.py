@@ -63,13 +63,14 @@ class Worker:
 
     async def _serve_locked(self) -> int:
         s = self.settings
-        async with Journal.open(s.wal_path) as journal:
+        async with Journal.open(s.wal_path, writer_process=s.journal_process) as journal:
             self.journal = journal
             recovery = await journal.recover(time.time(), s.default_max_retries)
             log.info("recovered from the journal: %d pending, %d re-queued after a crash, %d buried as DEAD",
                      recovery.pending, recovery.requeued, recovery.dead)
             broker = Broker(s.rabbitmq_url, s.connect_timeout)
             await broker.connect_first()
+            await journal.ready()  # its writer process started while we connected
             try:
                 async with self._resources() as resources:
                     await self._run(journal, broker, resources)

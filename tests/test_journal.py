@@ -99,10 +99,11 @@ def epoch(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
-@pytest.fixture
-async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
-    """A fresh journal file, closed after the test."""
-    async with Journal.open(tmp_path / "journal.db") as j:
+@pytest.fixture(params=[False, True], ids=["in-thread", "writer-process"])
+async def journal(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Journal]:
+    """A fresh journal file, closed after the test; every test runs twice: hot writes in
+    SQLite's thread, and in the writer process (ecoworker.writer) the worker uses."""
+    async with Journal.open(tmp_path / "journal.db", writer_process=request.param) as j:
         yield j
 
 
@@ -256,8 +257,13 @@ class TestMigration:
 # ------------------------------------------------------------------ ingest
 
 class TestIngest:
-    async def test_commits_at_full_even_after_normal_writes(self, journal: Journal) -> None:
-        """Ingest (what every ack waits on) runs at synchronous=FULL; later state changes at NORMAL."""
+    async def test_commits_at_full_even_after_normal_writes(self, tmp_path: Path) -> None:
+        """Ingest (what every ack waits on) runs at synchronous=FULL; later state changes at NORMAL.
+        (In SQLite's thread; test_writer.py checks the same in the writer process.)"""
+        async with Journal.open(tmp_path / "journal.db") as journal:
+            await self._check_full_after_normal(journal)
+
+    async def _check_full_after_normal(self, journal: Journal) -> None:
         traced: list[str] = []
         await journal._db.set_trace_callback(traced.append)
         await journal.ingest([task("a")])

@@ -176,6 +176,20 @@ class TestEcoworkerVariables:
         with pytest.raises(ConfigError, match=r"ECOWORKER_SYNC_LULL_BATCH must be 0 \(off\) or more, got -1"):
             Settings.from_env({"ECOWORKER_SYNC_LULL_BATCH": "-1"})
 
+    @pytest.mark.parametrize(("value", "expected"), [
+        (None, True), ("0", False), ("false", False), ("Off", False), ("no", False),
+        ("1", True), ("TRUE", True), ("on", True), ("yes", True),
+    ])
+    def test_journal_process(self, value: str | None, expected: bool) -> None:
+        """The writer process is on unless ECOWORKER_JOURNAL_PROCESS says no, in any usual spelling."""
+        env = {} if value is None else {"ECOWORKER_JOURNAL_PROCESS": value}
+        assert Settings.from_env(env).journal_process is expected
+
+    def test_bad_yes_no(self) -> None:
+        """A yes/no variable set to anything else is a ConfigError that lists what it takes."""
+        with pytest.raises(ConfigError, match=r"ECOWORKER_JOURNAL_PROCESS='maybe' is not a yes/no value: use 1 or 0"):
+            Settings.from_env({"ECOWORKER_JOURNAL_PROCESS": "maybe"})
+
     @pytest.mark.parametrize(("name", "value"), [
         ("ECOWORKER_GRACE_PERIOD", "soon"), ("ECOWORKER_SYNC_MAX_DELAY", "1s"), ("ECOWORKER_RETENTION_DAYS", "a week"),
     ])
