@@ -3,11 +3,11 @@
 In one process, SQLite's thread gives the GIL back around every SQLite call and
 then waits to take it again from the busy event loop: in a 20,000-task profile
 it spent 3.8 s in jobs for 1.1 s of CPU. Here ingest, claim, finish and mark
-synced run in `python -m ecoworker.writer`, a plain blocking loop on its own
+synced run in `python -m ecoworker.writerchild`, a plain blocking loop on its own
 connection, while the event loop only sends requests and reads replies.
 
 Nothing about durability changes: the child runs the very statements the
-in-thread path runs (`ecoworker.journal`'s module-level jobs), one request at a
+in-thread path runs (`ecoworker.journal_sql`), one request at a
 time, and a reply is sent only after COMMIT returned. Requests and replies are
 length-prefixed pickles on a socketpair (only the worker and its child hold the
 two ends).
@@ -28,19 +28,15 @@ import logging
 import pickle
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ecoworker.errors import JournalError
+from ecoworker.writerchild import HEADER, LEFT_TO_THE_WORKER, READY
 
 log = logging.getLogger("ecoworker.journal")
-_HEADER = 4  # little-endian length of the pickle that follows
-_READY = b"R"  # the child's first byte: the journal is open
-_LEFT_TO_THE_WORKER = {signal.SIGINT, signal.SIGTERM}
 STOP_SECONDS = 10.0  # a closing worker waits this long for its child to finish the write in hand
 
 
@@ -79,7 +75,7 @@ class WriterProcess:
             return
         assert self._reader is not None
         try:
-            await self._reader.readexactly(len(_READY))
+            await self._reader.readexactly(len(READY))
         except (OSError, asyncio.IncompleteReadError) as exc:
             code = await self._reap()
             raise JournalError(f"journal {self.path}: its writer process ended ({_exit(code)}) while "
@@ -91,10 +87,10 @@ class WriterProcess:
         mine, theirs = socket.socketpair()
         # the child starts with SIGINT and SIGTERM blocked (a mask survives exec), so one that
         # arrives before it has ignored them cannot kill it; this thread's mask comes back at once
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _LEFT_TO_THE_WORKER)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, LEFT_TO_THE_WORKER)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "ecoworker.writer", str(self.path), str(theirs.fileno())],
+                [sys.executable, "-m", "ecoworker.writerchild", str(self.path), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except OSError as exc:
             mine.close()
@@ -111,8 +107,8 @@ class WriterProcess:
         assert self._reader is not None and self._writer is not None
         data = pickle.dumps((op, args, durable), protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            self._writer.write(len(data).to_bytes(_HEADER, "little") + data)
-            size = int.from_bytes(await self._reader.readexactly(_HEADER), "little")
+            self._writer.write(len(data).to_bytes(HEADER, "little") + data)
+            size = int.from_bytes(await self._reader.readexactly(HEADER), "little")
             ok, value = pickle.loads(await self._reader.readexactly(size))
         except (OSError, asyncio.IncompleteReadError) as exc:
             code = await self._reap()
@@ -150,59 +146,3 @@ def _exit(code: int | None) -> str:
     if code is None:
         return "exit status unknown"
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-
-
-# ---------------------------------------------------------------- the child
-
-
-def _jobs() -> dict[str, Callable[..., Any]]:
-    from ecoworker.journal import PROCESS_JOBS  # imported by the child only: journal imports us
-
-    return PROCESS_JOBS
-
-
-def serve(path: str, sock: socket.socket) -> None:
-    """Answer requests until the worker's end closes."""
-    jobs = _jobs()
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    from ecoworker.schema import PRAGMAS
-
-    for pragma in PRAGMAS:
-        db.execute(pragma)
-    db.execute("PRAGMA busy_timeout = 5000")  # the worker's own connection or `ecoworker wal` may write
-    mode = "FULL"
-    sock.sendall(_READY)
-    stream = sock.makefile("rb")
-    while True:
-        header = stream.read(_HEADER)
-        if len(header) < _HEADER:
-            return  # the worker closed its end, or died
-        op, args, durable = pickle.loads(stream.read(int.from_bytes(header, "little")))
-        try:
-            want = "FULL" if durable else "NORMAL"
-            if mode != want:
-                db.execute(f"PRAGMA synchronous = {want}")
-                mode = want
-            reply = (True, jobs[op](db, *args))
-        except Exception as exc:  # raised again in the worker
-            reply = (False, exc)
-        try:
-            data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # an exception that does not pickle: its text still goes back
-            data = pickle.dumps((False, JournalError(f"{op} failed: {reply[1]!r} ({exc})")))
-        try:
-            sock.sendall(len(data).to_bytes(_HEADER, "little") + data)
-        except OSError:
-            return  # the worker is gone
-
-
-def main() -> None:
-    for signum in _LEFT_TO_THE_WORKER:  # the worker decides when we stop: it closes our socket
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _LEFT_TO_THE_WORKER)  # blocked by the worker till now
-    path, fd = sys.argv[1], int(sys.argv[2])
-    serve(path, socket.socket(fileno=fd))
-
-
-if __name__ == "__main__":
-    main()

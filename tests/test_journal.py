@@ -18,7 +18,7 @@ import aiosqlite
 import orjson
 import pytest
 
-from ecoworker import journal as journal_module
+from ecoworker import journal_sql as journal_module
 from ecoworker import schema
 from ecoworker.errors import JournalError
 from ecoworker.journal import ClaimedTask, Journal, NewTask, Outcome, Recovery, WALManager
@@ -315,7 +315,7 @@ class TestIngest:
         """A row leaving error, expiry, raw body … at their defaults is inserted naming only the
         other columns; what SQLite fills in equals NewTask's defaults, column by column."""
         lean = task("x", status="RUNNING", attempts=1, started_at=20.0)
-        assert journal_module._is_lean(lean)
+        assert journal_module.is_lean(lean)
         await journal.ingest([lean])
         stored = await row(journal, "x")
         for name in schema.INGEST_COLUMNS:
@@ -331,7 +331,7 @@ class TestIngest:
         batch = [task("l1"), task("f1", **full), task("old-lean", timeout=1.0), task("l2", args='["x"]'),
                  task("old-full"), task("twice", args='["first"]'), task("twice", args='["second"]', timeout=9.0),
                  task("f2", status="EXPIRED", completed_at=50.0, error="expired")]
-        assert not all(journal_module._is_lean(r) for r in batch) and any(map(journal_module._is_lean, batch))
+        assert not all(journal_module.is_lean(r) for r in batch) and any(map(journal_module.is_lean, batch))
         assert await journal.ingest(batch) == {"l1", "f1", "l2", "twice", "f2"}
         for expected in (batch[0], batch[1], batch[3], batch[5], batch[7]):
             stored = await row(journal, expected.task_id)
@@ -345,7 +345,7 @@ class TestIngest:
         so only 11 statement texts per shape are ever compiled (one per size was up to 1000)."""
         sizes_seen: set[int] = set()
         for n in range(1, 1001):
-            statements = journal_module._ingest_statements([task(f"t{i}") for i in range(n)])
+            statements = journal_module.ingest_statements([task(f"t{i}") for i in range(n)])
             sizes = [len(params) // len(journal_module.LEAN_COLUMNS) for _, params, _ in statements]
             assert sizes == [count for _, _, count in statements]
             assert sum(sizes) == n and sizes == sorted(sizes, reverse=True), n

@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from ecoworker import writer
+from ecoworker import writerchild
 from ecoworker.errors import JournalError
-from ecoworker.journal import Journal, NewTask, Outcome, _row_values
+from ecoworker.journal import Journal, NewTask, Outcome
+from ecoworker.journal_sql import row_values
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,14 +171,14 @@ def test_ingest_commits_at_full_in_the_child(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(sqlite3, "connect", traced_connect)
     ours, theirs = socket.socketpair()
-    server = threading.Thread(target=writer.serve, args=(str(path), theirs))
+    server = threading.Thread(target=writerchild.serve, args=(str(path), theirs))
     server.start()
     try:
         assert ours.recv(1) == b"R", "the child says it is ready before anything else"
-        assert _ask(ours, "ingest", ([_row_values(task("a"))],), True) == (True, None)
+        assert _ask(ours, "ingest", ([row_values(task("a"))],), True) == (True, None)
         ok, text = _ask(ours, "claim", (9e9, 1, ()), False)
         assert ok and "\"a\"" in text
-        assert _ask(ours, "ingest", ([_row_values(task("b"))],), True) == (True, None)
+        assert _ask(ours, "ingest", ([row_values(task("b"))],), True) == (True, None)
     finally:
         ours.close()
         server.join(10)
