@@ -52,6 +52,9 @@ class WriterProcess:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ready = False  # the child said it has the journal open
+        # the exchange of a caller that was cancelled while the child worked: its reply comes
+        # first, so the next call waits for it (the write itself may well be committed)
+        self._orphan: asyncio.Future[tuple[bool, Any]] | None = None
         self.started = 0  # children started so far (a restart after a death counts)
 
     @property
@@ -103,25 +106,44 @@ class WriterProcess:
     async def call(self, op: str, args: tuple[Any, ...], durable: bool) -> Any:
         """Run journal job `op` with `args` in the child, committed at synchronous=FULL when
         `durable`; its result, or the exception it raised, raised here."""
+        if self._orphan is not None:
+            await asyncio.wait([self._orphan])
+            self._orphan = None
         await self.ready()
-        assert self._reader is not None and self._writer is not None
         data = pickle.dumps((op, args, durable), protocol=pickle.HIGHEST_PROTOCOL)
+        # a request and its reply are one task: a cancelled caller must not leave a reply behind
+        # for the next call to read as its own
+        exchange = asyncio.ensure_future(self._exchange(op, data))
+        try:
+            ok, value = await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            if not exchange.done():
+                self._orphan = exchange
+                exchange.add_done_callback(_retrieve)
+            raise
+        if not ok:
+            raise value
+        return value
+
+    async def _exchange(self, op: str, data: bytes) -> tuple[bool, Any]:
+        assert self._reader is not None and self._writer is not None
         try:
             self._writer.write(len(data).to_bytes(HEADER, "little") + data)
             size = int.from_bytes(await self._reader.readexactly(HEADER), "little")
-            ok, value = pickle.loads(await self._reader.readexactly(size))
+            reply: tuple[bool, Any] = pickle.loads(await self._reader.readexactly(size))
+            return reply
         except (OSError, asyncio.IncompleteReadError) as exc:
             code = await self._reap()
             raise JournalError(
                 f"journal {self.path}: its writer process ended ({_exit(code)}) during a {op}; that "
                 "write may or may not be committed, and the next write starts a new writer process"
             ) from exc
-        if not ok:
-            raise value
-        return value
 
     async def close(self) -> None:
         """Close our end: the child finishes the write in hand, if any, and exits."""
+        if self._orphan is not None:
+            await asyncio.wait([self._orphan])
+            self._orphan = None
         if self._writer is not None:
             self._writer.close()
             await self._reap()
@@ -140,6 +162,11 @@ class WriterProcess:
                       proc.pid, STOP_SECONDS)
             proc.kill()
             return await asyncio.to_thread(proc.wait)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # nobody awaits an orphan's outcome: do not log it as never retrieved
 
 
 def _exit(code: int | None) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -48,16 +50,22 @@ class TestEndToEnd:
 
 class TestKill:
     @pytest.mark.slow
-    async def test_kill_minus_nine_loses_nothing(self, amqp, queue_name, workers):
-        """5,000 tasks survive ≥ 5 kill -9s at random moments: each ends SUCCESS once and the queue is empty."""
+    @pytest.mark.parametrize("writer_process", ["0", "1"], ids=["in-thread", "writer-process"])
+    async def test_kill_minus_nine_loses_nothing(self, amqp, queue_name, workers, writer_process):
+        """5,000 tasks survive ≥ 5 kill -9s at random moments: each ends SUCCESS once and the queue is
+        empty; with the journal's writer process, no writer outlives its killed worker."""
         ids = await amqp.publish_tasks(queue_name, "ecoworker.noop", [{"n": i} for i in range(5000)])
-        w = workers(queue_name, args=("--prefetch", "300"))
+        w = workers(queue_name, args=("--prefetch", "300"), ECOWORKER_JOURNAL_PROCESS=writer_process)
         rng = random.Random(7)
-        kills = 0
+        kills = with_writer = 0
         while kills < 6:
             await asyncio.sleep(rng.uniform(0.3, 1.5))
+            writers = _writer_children(w.proc.pid)  # none yet while the worker is still starting
+            assert len(writers) <= int(writer_process), writers
             w.kill()
+            assert all(map(_gone, writers)), f"writer process {writers} outlived its worker"
             kills += 1
+            with_writer += bool(writers)
             done = sum(1 for s in statuses(w.wal).values() if s == "SUCCESS")
             print(f"kill {kills}: {done} done")
             w.start()
@@ -66,6 +74,7 @@ class TestKill:
         assert len(rows) == len(ids) == len({r["task_id"] for r in rows})
         assert {r["status"] for r in rows} == {"SUCCESS"}
         assert w.starts == 7
+        assert with_writer >= (3 if writer_process == "1" else 0), f"only {with_writer} kills hit a running writer"
 
 
 class TestCelery:
@@ -136,15 +145,25 @@ async def _depth_is(amqp: Any, queue: str, n: int) -> bool:
 
 
 class TestShutdown:
-    async def test_sigterm_exits_zero_and_restart_completes_everything(self, amqp, queue_name, workers):
-        """SIGTERM while sleep tasks run exits 0 within the grace period; after a restart every task completes."""
+    @pytest.mark.parametrize("writer_process", ["0", "1"], ids=["in-thread", "writer-process"])
+    async def test_sigterm_exits_zero_and_restart_completes_everything(self, amqp, queue_name, workers,
+                                                                        writer_process):
+        """SIGTERM while sleep tasks run exits 0 within the grace period; after a restart every task
+        completes. The journal's writer process, signalled too (as a terminal's whole process group
+        is), keeps serving the shutdown and exits with the worker."""
         ids = await amqp.publish_tasks(queue_name, "ecoworker.sleep", [{"seconds": 30} for _ in range(3)]
                                        + [{"seconds": 0.5} for _ in range(30)])
-        w = workers(queue_name, args=("--concurrency", "10", "--grace-period", "3"))
+        w = workers(queue_name, args=("--concurrency", "10", "--grace-period", "3"),
+                    ECOWORKER_JOURNAL_PROCESS=writer_process)
         w.wait_ready()
         await wait_for(lambda: sum(s == "SUCCESS" for s in statuses(w.wal).values()) >= 5, 20)
+        writers = _writer_children(w.proc.pid)
+        assert len(writers) == int(writer_process), writers
+        for pid in writers:
+            os.kill(pid, signal.SIGTERM)
         started = time.monotonic()
         assert await asyncio.to_thread(w.terminate, 20) == 0
+        assert all(map(_gone, writers))
         assert time.monotonic() - started < 3 + 5
         assert "returned to PENDING" in w.log_text()
         rows = journal_rows(w.wal)
@@ -371,3 +390,28 @@ class TestJournalLock:
         assert drain.returncode == 0, drain.stderr
         assert "handed 1 unfinished task(s)" in drain.stdout
         assert await amqp.depth(queue_name) == 1
+
+
+def _writer_children(pid: int) -> list[int]:
+    """The journal writer processes among `pid`'s children."""
+    found = []
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{thread}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as cmd:
+                    if b"ecoworker.writerchild" in cmd.read():
+                        found.append(int(child))
+    return found
+
+
+def _gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False

@@ -87,6 +87,22 @@ async def test_an_error_in_the_child_is_raised_here_as_itself(journal: Journal) 
     assert journal.writer_pid == pid
 
 
+async def test_a_cancelled_write_leaves_no_reply_for_the_next_one(journal: Journal) -> None:
+    """A caller cancelled while the child works (a shutdown, a timeout) does not desynchronise
+    the socket: the next call waits for that reply and then gets its own."""
+    await journal.ingest([task("a")])
+    slow = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) "
+            "SELECT count(*) FROM c")
+    busy = asyncio.create_task(journal._in_process("atomically", ([(slow, [])],)))
+    await asyncio.sleep(0.05)
+    busy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await busy
+    claimed = await journal.claim(time.time(), 5)
+    assert [c.task_id for c in claimed] == ["a"]
+    assert await journal.ingest([task("b")]) == {"b"}
+
+
 async def test_a_killed_writer_fails_one_write_and_the_next_starts_a_new_one(journal: Journal) -> None:
     """kill -9 of the child: the write in flight fails with a JournalError that says what
     happened; committed rows are intact and the next write runs in a new child."""
