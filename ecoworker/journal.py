@@ -4,6 +4,9 @@ One writer connection does every write, serialised by a lock so that a
 multi-statement transaction is never interleaved; reads for stats and the CLI
 use their own connection. `ingest` is the group commit every ack waits on: one
 statement, one transaction, one fsync (`synchronous=FULL`) for a whole batch.
+The statements and the jobs that run them live in `ecoworker.journal_sql`;
+with `writer_process` the hot ones (ingest, claim, finish, mark synced, the
+sink's reads) run in a child process (`ecoworker.writer`), under the same lock.
 """
 
 from __future__ import annotations
