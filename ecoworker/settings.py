@@ -90,7 +90,7 @@ class Settings:
     prefetch: int = 1000
     ingest_batch_max: int = 500
     # ingest, claim, finish, mark synced and the sink's reads in a child process with its own GIL
-    # (ecoworker.writer): +6-15 % tasks/s when the worker is CPU-bound, for 15-20 MB more memory
+    # (ecoworker.writer): about +11 % tasks/s when the worker is CPU-bound, for about 20 MB more
     journal_process: bool = False
     max_body_bytes: int = 1024 * 1024
     default_max_retries: int = 3
