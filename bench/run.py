@@ -372,8 +372,7 @@ def _throughput(doc: dict[str, Any]) -> list[str]:
               ROW("ecoworker process tree (each VmHWM, summed)", _fmt(eco.get("peak_rss_mb"), ".1f"), "",
                   f"≤ {TARGETS['rss_mb']:g} MB", _check(eco.get("peak_rss_mb"), TARGETS["rss_mb"], False)),
               ROW("  of which the worker process alone", _fmt(eco.get("worker_peak_rss_mb"), ".1f"), "", "",
-                  "+ resource tracker" + (", journal writer" if os.environ.get("ECOWORKER_JOURNAL_PROCESS") in
-                                          ("1", "true", "yes", "on") else "")),
+                  "+ resource tracker" + (", journal writer" if _writer_process() else "")),
               ROW("  ecoworker tree at its first delivery (after imports)",
                   _fmt(eco.get("rss_at_first_delivery_mb"), ".1f"), "", "", ""),
               ROW("Celery seed, process tree: summed RSS / summed PSS", _fmt(cel.get("peak_rss_mb"), ".1f"),
@@ -474,6 +473,13 @@ async def main_async(args: argparse.Namespace) -> int:
     return 1 if results["errors"] else 0
 
 
+def _writer_process() -> bool:
+    """The workers this bench starts run the journal writer process (they inherit our environment)."""
+    from ecoworker.settings import Settings
+
+    return Settings.from_env(os.environ).journal_process
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -487,4 +493,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

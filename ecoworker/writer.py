@@ -55,7 +55,6 @@ class WriterProcess:
         # the exchange of a caller that was cancelled while the child worked: its reply comes
         # first, so the next call waits for it (the write itself may well be committed)
         self._orphan: asyncio.Future[tuple[bool, Any]] | None = None
-        self.started = 0  # children started so far (a restart after a death counts)
 
     @property
     def pid(self) -> int | None:
@@ -67,7 +66,6 @@ class WriterProcess:
         self._proc, mine = self._spawn()
         self._reader, self._writer = await asyncio.open_connection(sock=mine)
         self._ready = False
-        self.started += 1
 
     async def ready(self) -> None:
         """Wait until the child has the journal open (Python's start-up and imports, about 0.1 s:
@@ -106,9 +104,7 @@ class WriterProcess:
     async def call(self, op: str, args: tuple[Any, ...], durable: bool) -> Any:
         """Run journal job `op` with `args` in the child, committed at synchronous=FULL when
         `durable`; its result, or the exception it raised, raised here."""
-        if self._orphan is not None:
-            await asyncio.wait([self._orphan])
-            self._orphan = None
+        await self._settle_orphan()
         await self.ready()
         data = pickle.dumps((op, args, durable), protocol=pickle.HIGHEST_PROTOCOL)
         # a request and its reply are one task: a cancelled caller must not leave a reply behind
@@ -141,12 +137,13 @@ class WriterProcess:
 
     async def close(self) -> None:
         """Close our end: the child finishes the write in hand, if any, and exits."""
+        await self._settle_orphan()
+        await self._reap()
+
+    async def _settle_orphan(self) -> None:
         if self._orphan is not None:
             await asyncio.wait([self._orphan])
             self._orphan = None
-        if self._writer is not None:
-            self._writer.close()
-            await self._reap()
 
     async def _reap(self) -> int | None:
         if self._writer is not None:

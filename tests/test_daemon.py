@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.workers import journal_rows, statuses, wait_for
+from tests.workers import descendants, journal_rows, process_alive, statuses, wait_for
 
 
 async def _all_done(amqp: Any, queue: str, wal: Any, ids: list[str], final: tuple[str, ...] = ("SUCCESS",)) -> bool:
@@ -60,10 +62,10 @@ class TestKill:
         kills = with_writer = 0
         while kills < 6:
             await asyncio.sleep(rng.uniform(0.3, 1.5))
-            writers = _writer_children(w.proc.pid)  # none yet while the worker is still starting
+            writers = _writers(w.proc.pid)  # none yet while the worker is still starting
             assert len(writers) <= int(writer_process), writers
             w.kill()
-            assert all(map(_gone, writers)), f"writer process {writers} outlived its worker"
+            await wait_for(partial(_all_gone, writers), 10, message=f"writer process {writers} outlived its worker")
             kills += 1
             with_writer += bool(writers)
             done = sum(1 for s in statuses(w.wal).values() if s == "SUCCESS")
@@ -157,13 +159,13 @@ class TestShutdown:
                     ECOWORKER_JOURNAL_PROCESS=writer_process)
         w.wait_ready()
         await wait_for(lambda: sum(s == "SUCCESS" for s in statuses(w.wal).values()) >= 5, 20)
-        writers = _writer_children(w.proc.pid)
+        writers = _writers(w.proc.pid)
         assert len(writers) == int(writer_process), writers
         for pid in writers:
             os.kill(pid, signal.SIGTERM)
         started = time.monotonic()
         assert await asyncio.to_thread(w.terminate, 20) == 0
-        assert all(map(_gone, writers))
+        await wait_for(partial(_all_gone, writers), 10)
         assert time.monotonic() - started < 3 + 5
         assert "returned to PENDING" in w.log_text()
         rows = journal_rows(w.wal)
@@ -392,26 +394,17 @@ class TestJournalLock:
         assert await amqp.depth(queue_name) == 1
 
 
-def _writer_children(pid: int) -> list[int]:
-    """The journal writer processes among `pid`'s children."""
+def _all_gone(pids: list[int]) -> bool:
+    return not any(map(process_alive, pids))
+
+
+def _writers(pid: int) -> list[int]:
+    """The journal writer processes below `pid`."""
     found = []
-    for thread in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{thread}/children") as f:
-            for child in f.read().split():
-                with open(f"/proc/{child}/cmdline", "rb") as cmd:
-                    if b"ecoworker.writerchild" in cmd.read():
-                        found.append(int(child))
-    return found
-
-
-def _gone(pid: int, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+    for child in descendants(pid):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
+            if b"ecoworker.writerchild" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
+            continue
+    return found

@@ -25,7 +25,15 @@ import orjson
 import pytest
 
 from tests.tcp_proxy import TcpProxy
-from tests.workers import WorkerProcess, env_for_worker, fresh_database, journal_rows, statuses, wait_for
+from tests.workers import (
+    WorkerProcess,
+    descendants,
+    env_for_worker,
+    fresh_database,
+    journal_rows,
+    statuses,
+    wait_for,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -207,7 +215,7 @@ class TestJournalWriteErrors:
             assert w.proc is not None
             # the worker may not grow any file past 2 MiB (EFBIG; Python ignores SIGXFSZ), the disk stays roomy
             limit = (w.wal.stat().st_size if w.wal.exists() else 0) + 2 * MiB
-            family = _family(w.proc.pid)  # the worker, its journal writer process, its image pool
+            family = [w.proc.pid, *descendants(w.proc.pid)]  # the worker, its resource tracker, …
             assert len(family) >= 2, family
             for pid in family:
                 resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
@@ -229,7 +237,7 @@ class TestJournalWriteErrors:
             assert any("journal not writable" in r for r in reasons), reasons
             assert max(depths) > 0, "the rest must wait in the broker"
 
-            for pid in _family(w.proc.pid):
+            for pid in [w.proc.pid, *descendants(w.proc.pid)]:
                 resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
             await wait_for(lambda: _all_succeeded(amqp, queue_name, w, ids), 40, message=lambda: (
                 f"every task to succeed once the journal could grow; journal: {_by_status(w)}\n"
@@ -264,12 +272,3 @@ def _by_status(w: WorkerProcess) -> dict[str, int]:
 async def _all_succeeded(amqp: Any, queue: str, w: WorkerProcess, ids: list[str]) -> bool:
     st = statuses(w.wal)
     return all(st.get(i) == "SUCCESS" for i in ids) and await amqp.depth(queue) == 0
-
-
-def _family(pid: int) -> list[int]:
-    """`pid` and its children."""
-    children: list[int] = []
-    for thread in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{thread}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return [pid, *children]

@@ -22,7 +22,7 @@ from handlers.base import HandlerSettings, Resources, open_resources, run_in_poo
 from handlers.storage import process_image, upload_to_s3
 from tests.handler_fixtures import *  # noqa: F403
 from tests.handler_fixtures import MakeResources, get_object, list_keys, make_ctx, put_object
-from tests.workers import WorkerProcess, env_for_worker, process_alive, wait_for
+from tests.workers import WorkerProcess, descendants, env_for_worker, process_alive, wait_for
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -426,23 +426,6 @@ def _png(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc's parent links)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 class TestPoolLifetime:
     async def test_pool_processes_end_when_the_worker_is_killed(self, tmp_path: Path, stack_env: dict[str, str],
                                                                queue_name: str) -> None:
@@ -452,7 +435,7 @@ class TestPoolLifetime:
         try:
             await asyncio.to_thread(w.wait_ready, 60)
             assert w.proc is not None
-            below = _descendants(w.proc.pid)
+            below = descendants(w.proc.pid)
             assert len(below) >= 3, below  # the forkserver, its 2 pool children, the resource tracker
         finally:
             w.kill()

@@ -26,32 +26,12 @@ from ecoworker import writerchild
 from ecoworker.errors import JournalError
 from ecoworker.journal import Journal, NewTask, Outcome
 from ecoworker.journal_sql import row_values
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.workers import REPO, descendants, process_alive, wait_for
 
 
 def task(task_id: str) -> NewTask:
     now = time.time()
     return NewTask(task_id, "ecoworker.noop", "w1", "storage", "[]", "{}", created_at=now, not_before=now)
-
-
-def gone(pid: int, within: float = 10.0) -> bool:
-    """`pid` has exited (and been reaped, or is a zombie) within `within` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 @pytest.fixture
@@ -65,7 +45,7 @@ async def test_hot_writes_run_in_a_child_process(journal: Journal) -> None:
     effects are in the file."""
     pid = journal.writer_pid
     assert pid is not None and pid != os.getpid()
-    assert parent_of(pid) == os.getpid()
+    assert pid in descendants(os.getpid())
     assert await journal.ingest([task("a"), task("b")]) == {"a", "b"}
     claimed = await journal.claim(time.time(), 5)
     assert [c.task_id for c in claimed] == ["a", "b"]
@@ -81,7 +61,7 @@ async def test_an_error_in_the_child_is_raised_here_as_itself(journal: Journal) 
     """A statement that fails in the child raises the same sqlite3 exception in the worker,
     and the child goes on serving."""
     with pytest.raises(sqlite3.OperationalError, match="no such table: nowhere"):
-        await journal._in_process("atomically", ([("INSERT INTO nowhere VALUES (1)", [])],))
+        await journal._hot("atomically", ([("INSERT INTO nowhere VALUES (1)", [])],))
     pid = journal.writer_pid
     assert await journal.ingest([task("a")]) == {"a"}
     assert journal.writer_pid == pid
@@ -93,7 +73,7 @@ async def test_a_cancelled_write_leaves_no_reply_for_the_next_one(journal: Journ
     await journal.ingest([task("a")])
     slow = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) "
             "SELECT count(*) FROM c")
-    busy = asyncio.create_task(journal._in_process("atomically", ([(slow, [])],)))
+    busy = asyncio.create_task(journal._hot("atomically", ([(slow, [])],)))
     await asyncio.sleep(0.05)
     busy.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -110,7 +90,7 @@ async def test_a_killed_writer_fails_one_write_and_the_next_starts_a_new_one(jou
     old = journal.writer_pid
     assert old is not None
     os.kill(old, signal.SIGKILL)
-    assert gone(old)
+    await wait_for(lambda: not process_alive(old), 10)
     with pytest.raises(JournalError, match=r"writer process ended \(killed by signal 9\) during a ingest"):
         await journal.ingest([task("b")])
     assert await journal.ingest([task("c")]) == {"c"}
@@ -160,10 +140,11 @@ def test_the_child_exits_when_the_worker_is_killed(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         child = int(proc.stdout.readline())
-        assert not gone(child, within=0.2)
+        assert process_alive(child)
         proc.kill()
         proc.wait()
-        assert gone(child), f"writer process {child} outlived its worker"
+        asyncio.run(wait_for(lambda: not process_alive(child), 10,
+                             message=f"writer process {child} outlived its worker"))
     finally:
         proc.kill()
         proc.wait()
