@@ -204,19 +204,31 @@ class Resources:
     settings: HandlerSettings
     s3: Any  # aiobotocore S3 client
     openai: AsyncOpenAI | None
-    pool: ProcessPoolExecutor
     secrets: tuple[str, ...] = field(default=(), repr=False)  # scrubbed from error messages
+    started_pool: ProcessPoolExecutor | None = field(default=None, repr=False)  # see `pool`
+
+    @property
+    def pool(self) -> ProcessPoolExecutor:
+        """The image process pool, created on first use.
+
+        A worker whose queues have no image task never creates one, so it never
+        starts multiprocessing's resource tracker either (a 12 MB process).
+        """
+        if self.started_pool is None:
+            self.started_pool = _new_pool(self.settings)
+        return self.started_pool
 
     def replace_pool(self, broken: ProcessPoolExecutor) -> None:
         """Swap a broken pool (a child died) for a fresh one, once per breakage."""
-        if self.pool is broken:
-            self.pool = _new_pool(self.settings)
+        if self.started_pool is broken:
+            self.started_pool = _new_pool(self.settings)
             broken.shutdown(wait=False, cancel_futures=True)
 
 
 @asynccontextmanager
 async def open_resources(settings: HandlerSettings, queues: Iterable[str]) -> AsyncIterator[Resources]:
-    """Create the clients the served `queues` need and the process pool; close them all on exit."""
+    """Create the clients the served `queues` need, and start the image process pool when
+    they have image tasks ("storage", "ai"); close them all on exit."""
     queues = frozenset(queues)
     settings.check_for_queues(queues)
     async with AsyncExitStack() as stack:
@@ -231,12 +243,12 @@ async def open_resources(settings: HandlerSettings, queues: Iterable[str]) -> As
             client = openai_client(settings)
             stack.push_async_callback(client.close)
         secrets = tuple(s.get() for s in (settings.openai_api_key, settings.aws_secret_access_key) if s)
-        resources = Resources(settings, s3, client, _new_pool(settings), secrets)
+        resources = Resources(settings, s3, client, secrets)
         if queues & HANDLER_QUEUES:
             # Start the pool processes now, off the loop (the first start of the
             # forkserver imports the preloaded modules), not on the first task.
             await asyncio.to_thread(resources.pool.submit, int)
-        # Reads resources.pool at exit: it may have been replaced after a breakage.
+        # Reads resources.started_pool at exit: it may have been replaced after a breakage.
         stack.push_async_callback(lambda: asyncio.to_thread(_shutdown_pool, resources))
         yield resources
 
@@ -261,7 +273,8 @@ def _new_pool(settings: HandlerSettings) -> ProcessPoolExecutor:
 
 
 def _shutdown_pool(resources: Resources) -> None:
-    resources.pool.shutdown(wait=True, cancel_futures=True)
+    if resources.started_pool is not None:
+        resources.started_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def get_resources(ctx: TaskContext) -> Resources:

@@ -120,7 +120,7 @@ async def make_resources(handler_env: dict[str, str], shared_resources: Resource
             settings = dataclasses.replace(settings, **overrides)
             if all(getattr(settings, name) == getattr(shared.settings, name) for name in CLIENT_SETTINGS):
                 settings.check_for_queues(queues)
-                resources = Resources(settings, shared.s3, shared.openai, shared.pool, shared.secrets)
+                resources = Resources(settings, shared.s3, shared.openai, shared.secrets, shared.pool)
             else:
                 resources = await stack.enter_async_context(open_resources(settings, queues))
             if settings.bucket not in created:

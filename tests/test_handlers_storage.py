@@ -441,3 +441,24 @@ class TestPoolLifetime:
             w.kill()
         await wait_for(lambda: not [p for p in below if process_alive(p)], 15, message=lambda: (
             f"still running after the worker was killed: {[p for p in below if process_alive(p)]}"))
+
+    async def test_a_worker_without_image_tasks_starts_no_process(self, tmp_path: Path, stack_env: dict[str, str],
+                                                                  queue_name: str) -> None:
+        """A worker of queues with no image task creates no pool, so no child process at all
+        (no forkserver, no resource tracker: 12 MB each); a task needing the pool still gets one."""
+        env = env_for_worker(stack_env, POSTGRES_DSN="", ECOWORKER_JOURNAL_PROCESS="0")
+        w = WorkerProcess(tmp_path / "journal.db", [queue_name], env, tmp_path / "worker.log").start()
+        try:
+            await asyncio.to_thread(w.wait_ready, 60)
+            assert w.proc is not None
+            assert not descendants(w.proc.pid)
+        finally:
+            w.kill()
+
+    async def test_the_pool_starts_on_first_use(self, handler_env: dict[str, str]) -> None:
+        """Resources for queues without image tasks start no pool until a task runs in it."""
+        settings = HandlerSettings.from_env(handler_env)
+        async with open_resources(settings, ["other"]) as resources:
+            assert resources.started_pool is None
+            assert await run_in_pool(make_ctx(resources), abs, -3) == 3
+            assert resources.started_pool is not None
