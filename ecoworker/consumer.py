@@ -13,6 +13,7 @@ import asyncio
 import logging
 import shutil
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from aiormq.abc import DeliveredMessage
 from ecoworker import metrics
 from ecoworker.aio import wait_event
 from ecoworker.broker import Broker
+from ecoworker.deliveries import InlineDeliveries
 from ecoworker.intake import to_row
 from ecoworker.journal import ClaimedTask, Journal, NewTask
 from ecoworker.registry import Registry
@@ -91,6 +93,7 @@ class Consumer:
         self._pause_reasons: set[str] = set()
         self._channel: AbstractChannel | None = None
         self._queues: dict[str, tuple[AbstractQueue, str | None]] = {}
+        self._inline: tuple[object, InlineDeliveries] = (None, InlineDeliveries())  # (channel, its router)
         self._tracker = AckTracker()
         self._generation = -1
         self.consuming = False
@@ -205,10 +208,18 @@ class Consumer:
             return
         generation = self._generation
         underlay = await channel.get_underlay_channel()
+        if self._inline[0] is not underlay:
+            self._inline = (underlay, InlineDeliveries())
+            inline = self._inline[1].install(underlay)
+            metrics.INLINE.set(1 if inline else 0)
+            if not inline:
+                log.warning("this aiormq cannot hand deliveries over inline; each takes a task (slower)")
         for name, (queue, tag) in list(self._queues.items()):
             if tag is None:
-                ok = await underlay.basic_consume(name, partial(self._on_message, name, generation))
-                self._queues[name] = (queue, ok.consumer_tag)
+                tag = f"ecoworker.{name}.{generation}.{uuid.uuid4().hex[:12]}"
+                self._inline[1].callbacks[tag] = partial(self._receive, name, generation)
+                await underlay.basic_consume(name, partial(self._on_message, name, generation), consumer_tag=tag)
+                self._queues[name] = (queue, tag)
         self._set_consuming(True)
 
     async def _cancel_consumers(self) -> None:
@@ -222,6 +233,7 @@ class Consumer:
                         await (await channel.get_underlay_channel()).basic_cancel(tag)
                     except Exception as exc:  # the channel may be dying; it will be rebuilt
                         log.debug("cancel %s: %s", name, exc)
+                self._inline[1].callbacks.pop(tag, None)  # as aiormq forgets a cancelled consumer
 
     async def _wait_closed(self, generation: int) -> None:
         channel = self._channel
@@ -240,9 +252,13 @@ class Consumer:
         self.consuming = on
         metrics.CONSUMING.set(1 if on else 0)
 
-    async def _on_message(self, queue: str, generation: int, message: DeliveredMessage) -> None:
+    def _receive(self, queue: str, generation: int, message: DeliveredMessage) -> None:
         self._buffer.append(Delivery(message, queue, generation, time.monotonic()))
         self._wake.set()
+
+    async def _on_message(self, queue: str, generation: int, message: DeliveredMessage) -> None:
+        """aiormq's path, in a task per delivery (see `ecoworker.deliveries`)."""
+        self._receive(queue, generation, message)
 
     # ------------------------------------------------------------ journal, then ack
 

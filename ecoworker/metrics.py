@@ -64,6 +64,8 @@ SYNC_REJECTED = Counter("ecoworker_sync_rejected_rows_total", "Rows PostgreSQL r
 SYNC_LAG = Gauge("ecoworker_sync_lag_seconds", "Age of the oldest terminal row not yet in PostgreSQL")
 BROKER_UP = Gauge("ecoworker_broker_connected", "1 while connected to RabbitMQ")
 CONSUMING = Gauge("ecoworker_consuming", "1 while consuming (0 when paused by backpressure or disconnected)")
+INLINE = Gauge("ecoworker_deliveries_inline",
+               "1 when deliveries reach the journal without a task each; 0: this aiormq takes its slower path")
 POSTGRES_UP = Gauge("ecoworker_postgres_up", "1 while PostgreSQL answered the last sync")
 RSS = Gauge("ecoworker_process_resident_memory_bytes", "Resident set size")
 OPEN_FILES = Gauge("ecoworker_process_open_fds", "Open file descriptors")

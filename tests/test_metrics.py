@@ -361,10 +361,12 @@ class TestCounters:
 
 class TestProcessGauges:
     async def test_state_gauges(self, running):
-        """Connected to RabbitMQ and PostgreSQL and consuming: the three state gauges are 1."""
+        """Connected to RabbitMQ and PostgreSQL and consuming: the three state gauges are 1, and
+        deliveries reach the journal inline (no task each, `ecoworker.deliveries`)."""
         m = await running.moves("ecoworker_postgres_up", 1)
         assert m("ecoworker_broker_connected") == 1
         assert m("ecoworker_consuming") == 1
+        assert m("ecoworker_deliveries_inline") == 1
 
     def test_process_and_loop(self, running):
         """Resident memory and open file descriptors are positive; event-loop lag is exported and small."""
