@@ -178,6 +178,36 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+CHILD_NAMES = (("ecoworker.writerchild", "journal writer"), ("resource_tracker", "resource tracker"),
+               ("forkserver", "forkserver"), ("spawn_main", "pool process"))
+
+
+def child_names(pid: int) -> set[str]:
+    """What `pid`'s descendants are ("journal writer", "resource tracker", …), from their command lines."""
+    names = set()
+    for p in process_tree(pid)[1:]:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        names.add(next((name for key, name in CHILD_NAMES if key in cmd), cmd[:40]))
+    return names
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by `pid` and its living descendants."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tree_kb(pid: int, key: str = "VmRSS") -> int:
     """`key` of /proc/PID/status summed over the tree; "Pss" sums proportional set sizes instead."""
     tree = process_tree(pid)

@@ -87,15 +87,18 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
         spy_out = common.RESULTS / f"profile-{queue}.txt"
         spy, samples = None, None
         rss: list[tuple[float, int]] = []  # (time, VmRSS KiB)
+        pss_kb, children = 0, set()
         done = None
         deadline = time.monotonic() + 60 + n / 100
         try:
             spy = common.spy_attach(py_spy, proc.pid, spy_out) if py_spy else None
             while time.monotonic() < deadline:
                 await asyncio.sleep(common.POLL)
-                # the worker and its children (multiprocessing's resource tracker, the journal
-                # writer process when it is on): their sum is what the pod holds
+                # the worker and its children (the journal writer process when it is on):
+                # their sum is what the pod holds
                 rss.append((time.time(), common.tree_kb(proc.pid, "VmRSS")))
+                pss_kb = max(pss_kb, common.tree_kb(proc.pid, "Pss"))
+                children |= common.child_names(proc.pid)
                 if not proc.alive:
                     raise RuntimeError(f"ecoworker exited {proc.popen.returncode}:\n{proc.tail()}")
                 if await pg.fetchval("SELECT count(*) FROM task_results") >= n:
@@ -103,6 +106,7 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
                     break
             hwm_kb = common.tree_kb(proc.pid, "VmHWM")  # each process's peak, summed: an upper bound
             own_hwm_kb = common.proc_status_kb(proc.pid, "VmHWM")
+            cpu_s = common.tree_cpu_seconds(proc.pid)
             # read before the worker stops: its shutdown flush may re-ship (upsert) rows, moving synced_at
             synced = await pg.fetchrow("SELECT extract(epoch FROM max(synced_at))::float8 AS last, "
                                        "count(*) FILTER (WHERE status = 'SUCCESS') AS ok FROM task_results")
@@ -125,8 +129,9 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
         "left_in_queue": left, "exit_code": exit_code, "rows_reshipped_at_shutdown": reshipped,
         "seconds_from_spawn": done - proc.started, "seconds_from_first_delivery": done - first,
         "rate": n / (done - proc.started), "rate_warm": n / (done - first),
+        "cpu_ms_per_1000": cpu_s * 1e6 / n,  # the worker's tree, start-up included
         "peak_rss_mb": max([hwm_kb, *(kb for _, kb in rss)]) / 1024,
-        "worker_peak_rss_mb": own_hwm_kb / 1024,
+        "worker_peak_rss_mb": own_hwm_kb / 1024, "peak_pss_mb": pss_kb / 1024, "children": sorted(children),
         "rss_at_first_delivery_mb": max((kb for t, kb in rss if t <= first), default=0) / 1024,
         "phases_seconds": {
             "startup (spawn → first delivery journaled)": first - proc.started,
@@ -277,7 +282,10 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
             if name == "ecoworker":
                 s[name]["rss_at_first_delivery_mb"] = _med(runs, "rss_at_first_delivery_mb")
                 s[name]["worker_peak_rss_mb"] = max(r.get("worker_peak_rss_mb", 0) for r in runs)
+                s[name]["peak_pss_mb"] = max(r.get("peak_pss_mb", 0) for r in runs)
+                s[name]["children"] = sorted({c for r in runs for c in r.get("children", ())})
                 s[name]["ingest_rate"] = _med(runs, "ingest_rate")
+                s[name]["cpu_ms_per_1000"] = _med(runs, "cpu_ms_per_1000")
     if "celery" in s:
         first = next(r for r in res["celery"] if r)
         s["celery"]["mode"] = f"{first['pool']} -c {first['concurrency']}"
@@ -356,6 +364,8 @@ def _throughput(doc: dict[str, Any]) -> list[str]:
              ROW("ecoworker: until all rows in PostgreSQL (/s)", _fmt(eco.get("rate")), _fmt(eco.get("rate_warm")),
                  "", ""),
              ROW("  ecoworker ingest only: journal + ack (/s)", "", _fmt(eco.get("ingest_rate")), "", ""),
+             ROW("  ecoworker CPU per 1,000 tasks (ms, its process tree)", _fmt(eco.get("cpu_ms_per_1000")),
+                 "", "", ""),
              ROW(f"Celery seed, best pool ({cel.get('mode', '—')}) (/s)", _fmt(cel.get("rate")),
                  _fmt(cel.get("rate_warm")), "", "")]
     for key, label in (("eco_vs_raw", "ecoworker ÷ raw ceiling"), ("eco_vs_celery", "ecoworker ÷ best Celery")):
@@ -372,7 +382,9 @@ def _throughput(doc: dict[str, Any]) -> list[str]:
               ROW("ecoworker process tree (each VmHWM, summed)", _fmt(eco.get("peak_rss_mb"), ".1f"), "",
                   f"≤ {TARGETS['rss_mb']:g} MB", _check(eco.get("peak_rss_mb"), TARGETS["rss_mb"], False)),
               ROW("  of which the worker process alone", _fmt(eco.get("worker_peak_rss_mb"), ".1f"), "", "",
-                  "+ resource tracker" + (", journal writer" if _writer_process() else "")),
+                  "children: " + (", ".join(eco.get("children", ())) or "none")),
+              ROW("  ecoworker process tree, summed PSS (shared pages once)", _fmt(eco.get("peak_pss_mb"), ".1f"),
+                  "", "", ""),
               ROW("  ecoworker tree at its first delivery (after imports)",
                   _fmt(eco.get("rss_at_first_delivery_mb"), ".1f"), "", "", ""),
               ROW("Celery seed, process tree: summed RSS / summed PSS", _fmt(cel.get("peak_rss_mb"), ".1f"),
@@ -471,13 +483,6 @@ async def main_async(args: argparse.Namespace) -> int:
     print(render(doc))
     print(f"\nwritten: {path.relative_to(common.REPO)} (and bench/results/latest.json)")
     return 1 if results["errors"] else 0
-
-
-def _writer_process() -> bool:
-    """The workers this bench starts run the journal writer process (they inherit our environment)."""
-    from ecoworker.settings import Settings
-
-    return Settings.from_env(os.environ).journal_process
 
 
 def main(argv: list[str] | None = None) -> None:
