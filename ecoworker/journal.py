@@ -43,6 +43,7 @@ from ecoworker.journal_sql import (
     mark_synced_sql,
     read_unsynced_page,
     row_values,
+    unpack,
     values_chunks,
 )
 from ecoworker.schema import DL_OWED, DL_SENT, SYNC_DONE, SYNC_REJECTED, TERMINAL_SQL
@@ -460,11 +461,11 @@ class Journal:
             "ORDER BY completed_at, rowid LIMIT ?"
         )
         if self._process is not None:  # each row read here is a step that hands the GIL back
-            page: Page = await self._hot("unsynced", (sql, params, limit))
-            return page
+            packs, after = await self._hot("unsynced", (sql, params, limit))
+            return unpack(packs), after
         reader = await self.reader()
-        page = await reader._execute(partial(read_unsynced_page, sql=sql, params=params, limit=limit),
-                                     reader._conn)  # type: ignore[no-untyped-call]
+        page: Page = await reader._execute(partial(read_unsynced_page, sql=sql, params=params, limit=limit),
+                                           reader._conn)  # type: ignore[no-untyped-call]
         return page
 
 

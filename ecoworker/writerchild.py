@@ -20,6 +20,11 @@ from ecoworker.journal_sql import PROCESS_JOBS
 from ecoworker.schema import PRAGMAS
 
 HEADER = 4  # little-endian length of the pickle that follows
+# The child's page cache, KiB. Its statements touch the newest rows and the small
+# partial indexes; the OS page cache holds the rest. 2 MB (SQLite's default) instead
+# of the journal's 16 MB kept its peak 3-4 MB lower at the same rate in a 20,000-task
+# flood (the pod's memory target counts the child with the worker).
+CACHE_KIB = 2000
 READY = b"R"  # the child's first byte: the journal is open
 LEFT_TO_THE_WORKER = {signal.SIGINT, signal.SIGTERM}
 
@@ -29,6 +34,7 @@ def serve(path: str, sock: socket.socket) -> None:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     for pragma in PRAGMAS:
         db.execute(pragma)
+    db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     db.execute("PRAGMA busy_timeout = 5000")  # the worker's own connection or `ecoworker wal` may write
     mode = "FULL"
     sock.sendall(READY)

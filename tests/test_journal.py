@@ -22,6 +22,7 @@ from ecoworker import journal_sql as journal_module
 from ecoworker import schema
 from ecoworker.errors import JournalError
 from ecoworker.journal import ClaimedTask, Journal, NewTask, Outcome, Recovery, WALManager
+from ecoworker.journal_sql import PACK_ROWS
 
 LONG_AGO = 1.0  # a `not_before` / timestamp that is always in the past
 DAY = 86_400.0
@@ -625,6 +626,21 @@ class TestSync:
         ])
         assert ids(await journal.unsynced(10)) == ["f", "d", "s", "e"]
         assert ids(await journal.unsynced(2)) == ["f", "d"]
+
+    async def test_pages_longer_than_a_pack_come_whole_and_in_order(self, journal: Journal) -> None:
+        """Pages of more than PACK_ROWS rows (the writer process sends them in packs) hold every
+        row once, in completed_at order, and each page's cursor starts the next one."""
+        n = 2 * PACK_ROWS + 234
+        await journal.ingest([finished(f"t{i:05d}", completed_at=1000.0 + i) for i in range(n)])
+        seen: list[str] = []
+        after = None
+        for size in (PACK_ROWS + 1, 2 * PACK_ROWS, n):
+            rows, after = await journal.unsynced_page(size, after)
+            seen += [r[0] for r in rows]
+            if after is None:
+                break
+        assert after is None
+        assert seen == [f"t{i:05d}" for i in range(n)]
 
     async def test_mark_synced(self, journal: Journal) -> None:
         """Synced rows leave the unsynced list and the unsynced gauge."""

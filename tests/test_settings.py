@@ -177,11 +177,11 @@ class TestEcoworkerVariables:
             Settings.from_env({"ECOWORKER_SYNC_LULL_BATCH": "-1"})
 
     @pytest.mark.parametrize(("value", "expected"), [
-        (None, False), ("0", False), ("false", False), ("Off", False), ("no", False),
+        (None, True), ("0", False), ("false", False), ("Off", False), ("no", False),
         ("1", True), ("TRUE", True), ("on", True), ("yes", True),
     ])
     def test_journal_process(self, value: str | None, expected: bool) -> None:
-        """The writer process is off unless ECOWORKER_JOURNAL_PROCESS says yes, in any usual spelling."""
+        """The writer process is on unless ECOWORKER_JOURNAL_PROCESS says no, in any usual spelling."""
         env = {} if value is None else {"ECOWORKER_JOURNAL_PROCESS": value}
         assert Settings.from_env(env).journal_process is expected
 
