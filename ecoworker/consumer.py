@@ -216,7 +216,8 @@ class Consumer:
                 log.warning("this aiormq cannot hand deliveries over inline; each takes a task (slower)")
         for name, (queue, tag) in list(self._queues.items()):
             if tag is None:
-                tag = f"ecoworker.{name}.{generation}.{uuid.uuid4().hex[:12]}"
+                short = name.encode()[:100].decode(errors="ignore")  # a tag is a shortstr: ≤ 255 bytes
+                tag = f"ecoworker.{short}.{generation}.{uuid.uuid4().hex[:12]}"
                 self._inline[1].callbacks[tag] = partial(self._receive, name, generation)
                 await underlay.basic_consume(name, partial(self._on_message, name, generation), consumer_tag=tag)
                 self._queues[name] = (queue, tag)

@@ -3,8 +3,9 @@
 aiormq runs every consumer callback in a task of its own: created, scheduled,
 stepped once, its done-callback run and the task removed from the channel's
 future store again. Our callback only appends to a buffer, so all of that is
-overhead; in a profile of a 20,000-task flood it was about a tenth of the event
-loop's time (the loop is the worker's limit).
+overhead: about 7 % of the event loop's samples in a profile of a 20,000-task
+flood (the loop is the worker's limit); without it the worker used 4.5 % less
+CPU per task.
 
 `InlineDeliveries.install(channel)` replaces one aiormq channel's
 `_on_deliver_frame` with one that reads the same frames in the same order

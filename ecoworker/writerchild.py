@@ -22,7 +22,7 @@ from ecoworker.schema import PRAGMAS
 HEADER = 4  # little-endian length of the pickle that follows
 # The child's page cache, KiB. Its statements touch the newest rows and the small
 # partial indexes; the OS page cache holds the rest. 2 MB (SQLite's default) instead
-# of the journal's 16 MB kept its peak 3-4 MB lower at the same rate in a 20,000-task
+# of the journal's 16 MB kept its peak about 3 MB lower at the same rate in a 20,000-task
 # flood (the pod's memory target counts the child with the worker).
 CACHE_KIB = 2000
 READY = b"R"  # the child's first byte: the journal is open

@@ -36,6 +36,15 @@ class TestEndToEnd:
         assert results[ids[7]] == {"n": 7}
         assert all(r["attempts"] == 1 for r in rows)
 
+    async def test_a_queue_with_a_long_name_is_consumed(self, amqp, workers):
+        """A queue name of 240 bytes (AMQP allows 255) still gets a consumer: the worker's
+        consumer tag, which names the queue, stays within its own 255 bytes."""
+        queue = "long-" + "q" * 235
+        amqp.created += [queue, f"{queue}.dead"]
+        ids = await amqp.publish_tasks(queue, "ecoworker.noop", [{"n": i} for i in range(5)])
+        w = workers(queue)
+        await wait_for(lambda: _all_done(amqp, queue, w.wal, ids), 30, message=lambda: w.log_text()[-2000:])
+
     async def test_duplicate_delivery_is_acked_not_rerun(self, amqp, queue_name, workers):
         """A task id delivered twice runs once; the second copy is acked and counted as a duplicate."""
         body = orjson.dumps({"id": "dup-1", "task": "ecoworker.noop", "kwargs": {"x": 1}})
