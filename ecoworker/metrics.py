@@ -68,18 +68,29 @@ INLINE = Gauge("ecoworker_deliveries_inline",
                "1 when deliveries reach the journal without a task each; 0: this aiormq takes its slower path")
 POSTGRES_UP = Gauge("ecoworker_postgres_up", "1 while PostgreSQL answered the last sync")
 RSS = Gauge("ecoworker_process_resident_memory_bytes", "Resident set size")
+WRITER_RSS = Gauge("ecoworker_journal_writer_resident_memory_bytes",
+                   "Resident set size of the journal writer process (0 when there is none)")
 OPEN_FILES = Gauge("ecoworker_process_open_fds", "Open file descriptors")
 WAL_FILE = Gauge("ecoworker_sqlite_wal_file_bytes", "Size of the journal's SQLite -wal file")
 
 
 def observe_process() -> None:
     """Refresh RSS and open-file gauges (cheap reads of /proc)."""
+    rss = resident_bytes("self")
+    RSS.set(rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     try:
-        with open("/proc/self/statm") as f:
-            RSS.set(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
         OPEN_FILES.set(len(os.listdir("/proc/self/fd")))
-    except OSError:  # not Linux: fall back to the peak, which is what getrusage has
-        RSS.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    except OSError:  # not Linux
+        pass
+
+
+def resident_bytes(pid: int | str) -> int | None:
+    """The resident set size of process `pid` ("self": this one), or None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 async def watch_loop_lag(stop: asyncio.Event, interval: float = 0.5) -> None:

@@ -161,5 +161,7 @@ class Worker:
         metrics.PENDING.set(counts["pending"])
         oldest = counts["oldest_unsynced"]
         metrics.SYNC_LAG.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+        writer = self.journal.writer_pid
+        metrics.WRITER_RSS.set((metrics.resident_bytes(writer) or 0) if writer is not None else 0)
         metrics.WAL_SIZE.set(self.journal.size_bytes())
         metrics.WAL_FILE.set(self.journal.wal_file.stat().st_size if self.journal.wal_file.exists() else 0)

@@ -169,8 +169,9 @@ class TestBackpressure:
         once the backlog drains both recover, and every task completes."""
         async with connected(private) as w:
             ids = await w.publish("ecoworker.sleep", [{"seconds": 0.4}] * 8)
-            await wait_for(lambda: w.metrics()("ecoworker_consuming") == 0, 20)
-            assert readyz(w.worker) == (503, {"ready": False, "reason": "paused: backlog"})
+            # both read in one poll: the pause may end before a second look (8 tasks of 0.4 s)
+            await wait_for(lambda: w.metrics()("ecoworker_consuming") == 0
+                           and readyz(w.worker) == (503, {"ready": False, "reason": "paused: backlog"}), 20)
             await wait_for(lambda: w.metrics()("ecoworker_consuming") == 1, 30)
             assert readyz(w.worker)[0] == 200
             await w.settle(ids)
@@ -369,9 +370,11 @@ class TestProcessGauges:
         assert m("ecoworker_deliveries_inline") == 1
 
     def test_process_and_loop(self, running):
-        """Resident memory and open file descriptors are positive; event-loop lag is exported and small."""
+        """Resident memory (the worker's and its journal writer's) and open file descriptors are
+        positive; event-loop lag is exported and small."""
         m = running.metrics()
         assert m("ecoworker_process_resident_memory_bytes") > 10 * 1024 * 1024
+        assert m("ecoworker_journal_writer_resident_memory_bytes") > 5 * 1024 * 1024  # on by default
         assert m("ecoworker_process_open_fds") > 3
         assert m.has("ecoworker_event_loop_lag_seconds")
         assert 0 <= m("ecoworker_event_loop_lag_seconds") < 1
