@@ -46,7 +46,7 @@ demo-down: ## stop the demo workers and the stack
 	bash $(STACK) down
 
 bench: install services-up ## throughput and latency benchmarks, printed and written to bench/results/
-	$(PY) -m bench.run
+	$(PY) -m bench.run --full --scale-repeats 3
 
 bench-journal: install ## journal group commit vs one commit per task
 	$(PY) -m bench.bench_journal

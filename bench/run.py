@@ -1,7 +1,9 @@
 """`make bench`: throughput, latency and memory of ecoworker against its ceilings, in one run.
 
-    python -m bench.run [--n 20000] [--repeats 3] [--full | --quick] [--only raw,ecoworker,…]
-                        [--profile [--py-spy PATH]]
+    python -m bench.run [--n 20000] [--repeats 3] [--full | --quick] [--scale-repeats 1]
+                        [--only raw,ecoworker,…] [--profile [--py-spy PATH]]
+
+`make bench` is `--full --scale-repeats 3`.
 
 Measures, on the local stack (deploy/dev/services.sh):
 
@@ -10,10 +12,11 @@ Measures, on the local stack (deploy/dev/services.sh):
 3. celery    the seed's design: Celery + per-task SQLite commits (bench/celery_seed.py),
              best of prefork -c 2, threads -c 8 and solo
 4. latency   delivery-to-ack p50/p99 at a steady 100 tasks/s (bench/latency.py)
-5. scale     ecoworker tasks/s at 10k and 50k tasks (and 100k with --full)
+5. scale     ecoworker tasks/s at 10k and 50k tasks (and 100k with --full), medians of
+             --scale-repeats rounds
 
-Repeats of 1-3 are interleaved round by round, so a burst of background load
-hits all three alike; ratios are taken within this run only. Prints a table and
+Repeats of 1-3, and of 5, are interleaved round by round, so a burst of background
+load hits all alike; ratios are taken within this run only. Prints a table and
 writes bench/results/bench-<timestamp>.json and bench/results/latest.json.
 """
 
@@ -201,8 +204,8 @@ async def run(args: argparse.Namespace, ctx: common.Ctx) -> dict[str, Any]:
         say(f"latency: 100 tasks/s for {args.latency_seconds:g} s")
         res["latency"] = await guarded(res["errors"], "latency", latency.measure(ctx, 100.0, args.latency_seconds))
     if "scale" in args.only:
-        for n in args.scale_ns:
-            for i in range(args.scale_repeats):
+        for i in range(args.scale_repeats):  # interleaved, as the rounds above: drift hits every N alike
+            for n in args.scale_ns:
                 say(f"scale: ecoworker, {n} tasks ({i + 1}/{args.scale_repeats})")
                 r = await guarded(res["errors"], f"scale {n} #{i + 1}", measure_ecoworker(ctx, n))
                 res["scale"].setdefault(str(n), []).append(r)
