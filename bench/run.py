@@ -90,7 +90,7 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
         spy_out = common.RESULTS / f"profile-{queue}.txt"
         spy, samples = None, None
         rss: list[tuple[float, int]] = []  # (time, VmRSS KiB)
-        pss_kb, children = 0, set()
+        pss_kb = 0
         done = None
         deadline = time.monotonic() + 60 + n / 100
         try:
@@ -101,7 +101,6 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
                 # their sum is what the pod holds
                 rss.append((time.time(), common.tree_kb(proc.pid, "VmRSS")))
                 pss_kb = max(pss_kb, common.tree_kb(proc.pid, "Pss"))
-                children |= common.child_names(proc.pid)
                 if not proc.alive:
                     raise RuntimeError(f"ecoworker exited {proc.popen.returncode}:\n{proc.tail()}")
                 if await pg.fetchval("SELECT count(*) FROM task_results") >= n:
@@ -110,6 +109,7 @@ async def measure_ecoworker(ctx: common.Ctx, n: int, py_spy: str | None = None) 
             hwm_kb = common.tree_kb(proc.pid, "VmHWM")  # each process's peak, summed: an upper bound
             own_hwm_kb = common.proc_status_kb(proc.pid, "VmHWM")
             cpu_s = common.tree_cpu_seconds(proc.pid)
+            children = common.child_names(proc.pid)  # they live as long as the worker: read once
             # read before the worker stops: its shutdown flush may re-ship (upsert) rows, moving synced_at
             synced = await pg.fetchrow("SELECT extract(epoch FROM max(synced_at))::float8 AS last, "
                                        "count(*) FILTER (WHERE status = 'SUCCESS') AS ok FROM task_results")

@@ -93,7 +93,7 @@ class Consumer:
         self._pause_reasons: set[str] = set()
         self._channel: AbstractChannel | None = None
         self._queues: dict[str, tuple[AbstractQueue, str | None]] = {}
-        self._inline: tuple[object, InlineDeliveries] = (None, InlineDeliveries())  # (channel, its router)
+        self._inline = InlineDeliveries()  # the current channel's consumer tags → _receive
         self._tracker = AckTracker()
         self._generation = -1
         self.consuming = False
@@ -195,6 +195,11 @@ class Consumer:
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         self._channel, self._generation, self._tracker = channel, generation, AckTracker()
         self._queues = {}
+        self._inline = InlineDeliveries()
+        inline = self._inline.install(await channel.get_underlay_channel())
+        metrics.INLINE.set(1 if inline else 0)
+        if not inline:
+            log.warning("this aiormq cannot hand deliveries over inline; each takes a task (slower)")
         for name in self.settings.queues:
             # durable, no arguments: exactly what an unchanged Celery producer declares
             queue = await channel.declare_queue(name, durable=True)
@@ -208,17 +213,11 @@ class Consumer:
             return
         generation = self._generation
         underlay = await channel.get_underlay_channel()
-        if self._inline[0] is not underlay:
-            self._inline = (underlay, InlineDeliveries())
-            inline = self._inline[1].install(underlay)
-            metrics.INLINE.set(1 if inline else 0)
-            if not inline:
-                log.warning("this aiormq cannot hand deliveries over inline; each takes a task (slower)")
         for name, (queue, tag) in list(self._queues.items()):
             if tag is None:
                 short = name.encode()[:100].decode(errors="ignore")  # a tag is a shortstr: ≤ 255 bytes
                 tag = f"ecoworker.{short}.{generation}.{uuid.uuid4().hex[:12]}"
-                self._inline[1].callbacks[tag] = partial(self._receive, name, generation)
+                self._inline.callbacks[tag] = partial(self._receive, name, generation)
                 await underlay.basic_consume(name, partial(self._on_message, name, generation), consumer_tag=tag)
                 self._queues[name] = (queue, tag)
         self._set_consuming(True)
@@ -234,7 +233,7 @@ class Consumer:
                         await (await channel.get_underlay_channel()).basic_cancel(tag)
                     except Exception as exc:  # the channel may be dying; it will be rebuilt
                         log.debug("cancel %s: %s", name, exc)
-                self._inline[1].callbacks.pop(tag, None)  # as aiormq forgets a cancelled consumer
+                self._inline.callbacks.pop(tag, None)  # as aiormq forgets a cancelled consumer
 
     async def _wait_closed(self, generation: int) -> None:
         channel = self._channel
